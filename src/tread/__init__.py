@@ -1,0 +1,19 @@
+"""tread: train diffusion transformers faster with TREAD token routing.
+
+Public API (stable): :class:`Route`, :func:`build_model`, :func:`route_blocks`,
+:func:`forward_flops`, :func:`ideal_speedup`.
+"""
+
+from .cost import forward_flops, ideal_speedup
+from .models import MODEL_CONFIGS, build_model
+from .routing import Route, route_blocks
+
+__all__ = [
+    "MODEL_CONFIGS",
+    "Route",
+    "build_model",
+    "forward_flops",
+    "ideal_speedup",
+    "route_blocks",
+]
+__version__ = "0.1.0"

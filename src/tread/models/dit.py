@@ -1,0 +1,149 @@
+"""DiT (Peebles & Xie 2023): adaLN-Zero transformer blocks over latent patches. SiT = same net."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ..routing import Route
+from .backbone import RoutableBackbone
+from .layers import (
+    Attention,
+    FinalLayer,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    modulate,
+    sincos_2d,
+    unpatchify,
+)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Architecture hyper-parameters of a DiT (the registry's values follow the DiT paper)."""
+
+    depth: int
+    width: int
+    heads: int
+    patch_size: int
+    input_size: int = 32  # latent (or pixel) side length
+    in_channels: int = 4
+    num_classes: int = 1000
+    mlp_ratio: float = 4.0
+    learn_sigma: bool = False  # DiT's learned variance doubles the output channels
+
+    def __post_init__(self) -> None:
+        for name in ("depth", "width", "heads", "patch_size", "input_size", "in_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DiTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise ValueError(f"DiTConfig.num_classes must be >= 0, got {self.num_classes}")
+        if self.input_size % self.patch_size:
+            raise ValueError(
+                f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}"
+            )
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.width % 4:
+            raise ValueError(f"width must be divisible by 4, got {self.width}")
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm attention + MLP, both modulated and gated by adaLN-Zero from the condition."""
+
+    def __init__(self, width: int, heads: int, mlp_hidden: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(width, mlp_hidden)
+        self.ada_ln_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """x (B, N, D), c (B, D) -> (B, N, D); N may be the routed count K."""
+        mods = self.ada_ln_modulation(c).chunk(6, dim=1)  # 6 x (B, D)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
+        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        x = x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        return x
+
+
+class DiT(RoutableBackbone):
+    """Class-conditional DiT on (B, C, H, W) inputs with TREAD routes over its blocks."""
+
+    def __init__(
+        self,
+        config: DiTConfig,
+        routes: Sequence[Route] = (),
+        *,
+        keep_order: bool = False,
+        fp32_after_reinsert: bool = False,
+    ) -> None:
+        super().__init__(
+            routes,
+            depth=config.depth,
+            keep_order=keep_order,
+            fp32_after_reinsert=fp32_after_reinsert,
+        )
+        self.config = config
+        D = config.width
+        self.patch_embed = PatchEmbed(config.in_channels, D, config.patch_size)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(config.num_classes, D)
+        grid = config.input_size // config.patch_size
+        # Fixed, not learned: a buffer rebuilt at construction, so not part of the checkpoint.
+        self.register_buffer("pos_embed", sincos_2d(D, grid).unsqueeze(0), persistent=False)
+        self.blocks = nn.ModuleList(
+            DiTBlock(D, config.heads, config.mlp_hidden) for _ in range(config.depth)
+        )
+        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
+        self.reset_parameters()
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def reset_parameters(self) -> None:
+        """DiT initialisation: Xavier linears, N(0, 0.02) embedders, zeroed adaLN and output."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        weight = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))  # like a linear on patches
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.y_embedder.table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.ada_ln_modulation[-1].weight)
+            nn.init.zeros_(block.ada_ln_modulation[-1].bias)
+        for layer in (self.final_layer.ada_ln_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def embed(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        tokens = self.patch_embed(x) + self.pos_embed.to(x.dtype)  # (B, N, D)
+        cond = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        # Positions are already added to the tokens, so gather/scatter needs no side tensors.
+        return tokens, cond, {}
+
+    def head(self, tokens: Tensor, cond: Tensor) -> Tensor:
+        out = self.final_layer(tokens, cond)  # (B, N, p*p*C_out)
+        return unpatchify(out, self.config.patch_size, self.config.out_channels)

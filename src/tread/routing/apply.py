@@ -1,0 +1,99 @@
+"""The one loop over a block stack: every backbone runs its blocks through :func:`route_blocks`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .plan import RoutePlan, sample_plan
+from .spec import Route, resolve_routes
+
+
+def route_blocks(
+    blocks: Sequence[nn.Module],
+    x: Tensor,
+    cond: Any,
+    routes: Sequence[Route] = (),
+    *,
+    aux: Mapping[str, Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    keep_order: bool = False,
+    fp32_after_reinsert: bool = False,
+) -> Tensor:
+    """Run ``blocks`` over the tokens, letting a random share skip each route's span.
+
+    Each block is called as ``block(x, cond, **aux)``. At a route's start the full sequence is
+    saved and K tokens per sample are gathered (with the token-aligned ``aux`` tensors); the
+    blocks of the span run on the K tokens; after the route's end they are scattered back into
+    the saved sequence, so skipped tokens re-enter exactly as they left. A route whose kept
+    count equals N (ratio 0, or too few tokens to skip any) is the plain loop. With
+    ``routes=()`` this is exactly ``for block in blocks: x = block(x, cond, **aux)``.
+
+    Args:
+        blocks: the block stack, length = depth.
+        x: (B, N, D) tokens.
+        cond: per-sample conditioning passed unchanged to every block (not token-aligned).
+        routes: sorted, non-overlapping routes (negative indices allowed).
+        aux: token-aligned side tensors, each (B, N, ...): positions, RoPE angles, key masks.
+        generator: randomness for the token subsets (one draw per route per call).
+        keep_order: keep the kept tokens in their original order (needed by scan backbones).
+        fp32_after_reinsert: run the block right after each route end with autocast disabled
+            and in float32, as the official code does for numerical safety after re-insertion.
+
+    Returns:
+        (B, N, D) output tokens.
+    """
+    aux = dict(aux or {})
+    batch, num_tokens = x.shape[:2]
+    starts = {r.start: r for r in resolve_routes(routes, len(blocks))}
+    fp32_blocks: set[int] = set()
+
+    saved: Tensor | None = None  # (B, N, D) sequence at the start of the active route
+    plan: RoutePlan | None = None
+    end = -1
+    block_aux = aux
+    for index, block in enumerate(blocks):
+        route = starts.get(index)
+        if route is not None and route.num_kept(num_tokens) < num_tokens:
+            plan = sample_plan(
+                batch,
+                num_tokens,
+                route.num_kept(num_tokens),
+                generator=generator,
+                device=x.device,
+                keep_order=keep_order,
+            )
+            saved, end = x, route.end
+            x = plan.gather(x)  # (B, N, D) -> (B, K, D)
+            block_aux = {name: plan.gather(value) for name, value in aux.items()}  # (B, K, ...)
+
+        if index in fp32_blocks:
+            x = _run_fp32(block, x, cond, block_aux)
+        else:
+            x = block(x, cond, **block_aux)
+
+        if plan is not None and index == end:
+            assert saved is not None
+            x = plan.scatter(x, saved)  # (B, K, D) -> (B, N, D)
+            saved, plan, block_aux = None, None, aux
+            if fp32_after_reinsert:
+                fp32_blocks.add(index + 1)
+    return x
+
+
+def _run_fp32(block: nn.Module, x: Tensor, cond: Any, aux: Mapping[str, Tensor]) -> Tensor:
+    """Call ``block`` in float32 with autocast off (the official code's post-route block).
+
+    Outside autocast the block already runs in its parameters' dtype, so it is called as is.
+    """
+    if not torch.is_autocast_enabled(x.device.type):
+        return block(x, cond, **aux)
+
+    def to32(value: Any) -> Any:
+        return value.float() if isinstance(value, Tensor) and value.is_floating_point() else value
+
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return block(to32(x), to32(cond), **{k: to32(v) for k, v in aux.items()})

@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny models that run in milliseconds on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tread
+
+
+def tiny_dit(**overrides):
+    """A 4-block, width-32 DiT on 8x8x1 inputs with 10 classes (16 tokens at patch 2)."""
+    options = dict(input_size=8, in_channels=1, num_classes=10, depth=4, width=32, heads=2)
+    options.update(overrides)
+    torch.manual_seed(0)
+    model = tread.build_model("DiT-S/2", **options)
+    # DiT zero-initialises adaLN and the output layer; perturb so every path carries signal.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.fixture
+def tiny_inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 1, 8, 8, generator=g)
+    t = torch.rand(3, generator=g)
+    y = torch.tensor([0, 4, 10])  # 10 = null label
+    return x, t, y

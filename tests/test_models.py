@@ -1,0 +1,141 @@
+"""DiT backbone: registry, parameter counts, forward contract, gradients, dtype, cost model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import tread
+from tread import Route
+
+from conftest import tiny_dit
+
+# DiT paper, Table 4 (learn_sigma=True, 256x256 images = 32x32x4 latents, 1000 classes).
+PAPER_PARAMS_M = {"S": 33.0, "B": 130.0, "L": 458.0, "XL": 675.0}
+
+
+@pytest.mark.parametrize("name", sorted(tread.MODEL_CONFIGS))
+def test_every_registry_entry_builds_with_paper_size(name):
+    size, patch = name.split("-")[1].split("/")
+    device = "cpu" if size == "S" else "meta"  # large ones on meta: no memory, no init time
+    with torch.device(device):
+        model = tread.build_model(name, learn_sigma=True)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    # Patch size only changes the patch embed / output layer: within 1.5% of the /2 figure.
+    assert params == pytest.approx(PAPER_PARAMS_M[size], rel=0.015)
+    assert model.config.num_tokens == (32 // int(patch)) ** 2
+
+
+def test_forward_shapes_and_learn_sigma(tiny_inputs):
+    x, t, y = tiny_inputs
+    assert tiny_dit()(x, t, y).shape == (3, 1, 8, 8)
+    assert tiny_dit(learn_sigma=True)(x, t, y).shape == (3, 2, 8, 8)
+
+
+def test_routes_empty_and_ratio_zero_match_routeless_model_bitwise(tiny_inputs):
+    x, t, y = tiny_inputs
+    plain = tiny_dit()
+    routed = tiny_dit(routes=[Route(1, 2, 0.5)])
+    routed.load_state_dict(plain.state_dict())
+    plain.train()
+    routed.train()
+    reference = plain(x, t, y)
+    assert torch.equal(routed(x, t, y, routes=[]), reference)
+    assert torch.equal(routed(x, t, y, routes=[Route(0, 3, 0.0)]), reference)
+    routed.eval()  # eval mode is dense even with configured routes
+    assert torch.equal(routed(x, t, y), reference)
+    routed.train()
+    assert not torch.allclose(routed(x, t, y, generator=torch.Generator()), reference)
+
+
+def test_explicit_routes_apply_in_eval_mode(tiny_inputs):
+    x, t, y = tiny_inputs
+    model = tiny_dit().eval()
+    dense = model(x, t, y)
+    sparse = model(x, t, y, routes=[Route(1, 2, 0.5)], generator=torch.Generator())
+    assert not torch.allclose(dense, sparse)
+
+
+def test_same_generator_seed_same_output(tiny_inputs):
+    x, t, y = tiny_inputs
+    model = tiny_dit(routes=[Route(1, 2, 0.5)]).train()
+    a = model(x, t, y, generator=torch.Generator().manual_seed(5))
+    b = model(x, t, y, generator=torch.Generator().manual_seed(5))
+    c = model(x, t, y, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_gradients_reach_embeddings_through_kept_and_skipped_tokens():
+    model = tiny_dit(depth=4, routes=[Route(0, 3, 0.5)]).train()  # route covers every block
+    x = torch.randn(2, 1, 8, 8, requires_grad=True)
+    t, y = torch.rand(2), torch.tensor([1, 2])
+    out = model(x, t, y, generator=torch.Generator().manual_seed(0))
+    out.sum().backward()
+    # Every input patch gets gradient: skipped tokens go straight from the embedding to the head.
+    patch_grad = x.grad.abs().view(2, 1, 4, 2, 4, 2).sum(dim=(1, 3, 5))  # (B, 4, 4) per patch
+    assert torch.all(patch_grad > 0)
+    for name in ("patch_embed.proj.weight", "t_embedder.mlp.0.weight", "y_embedder.table.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fp32_after_reinsert", [False, True])
+def test_dtype_preserved_under_bf16_autocast(tiny_inputs, fp32_after_reinsert):
+    x, t, y = tiny_inputs
+    model = tiny_dit(fp32_after_reinsert=fp32_after_reinsert).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = model(x, t, y, routes=[])
+        routed = model(x, t, y, routes=[Route(1, 2, 0.5)], generator=torch.Generator())
+    assert routed.dtype == dense.dtype
+    assert torch.isfinite(routed).all()
+
+
+def test_keep_order_model_option_is_used(tiny_inputs):
+    x, t, y = tiny_inputs
+    a = tiny_dit(keep_order=True)(x, t, y, routes=[Route(1, 2, 0.5)], generator=torch.Generator())
+    b = tiny_dit(keep_order=False)(x, t, y, routes=[Route(1, 2, 0.5)], generator=torch.Generator())
+    # Same subset, different order: attention is permutation-equivariant, so outputs agree.
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(routes=[Route(2, 12, 0.5)]), "out of range"),
+        (dict(routes=[Route(0, 5, 0.5), Route(3, 6, 0.5)]), "non-overlapping"),
+        (dict(input_size=30), "not divisible by patch_size"),
+        (dict(bogus=1), "unknown option"),
+    ],
+)
+def test_invalid_builds_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tread.build_model("DiT-S/4", **overrides)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown model 'DiT-M/2'"):
+        tread.build_model("DiT-M/2")
+
+
+@pytest.mark.parametrize(
+    "routes", [[], [Route(1, 2, 0.5)], [Route(0, 0, 0.3), Route(2, -1, 0.75)]], ids=str
+)
+def test_cost_model_matches_flop_counter(routes):
+    model = tread.build_model("DiT-S/2", input_size=16, depth=4, width=64, heads=4).train()
+    x = torch.randn(2, 4, 16, 16)
+    t, y = torch.rand(2), torch.tensor([3, 1000])
+    # The math backend decomposes attention into bmm, which the counter sees on every device.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, t, y, routes=routes, generator=torch.Generator())
+    measured = counter.get_total_flops()
+    assert tread.forward_flops(model, routes, batch=2) == pytest.approx(measured, rel=0.05)
+
+
+def test_ideal_speedup_paper_defaults():
+    # DiT-B/2, r(2->8), 0.5: token-linear work falls to (5 + 7*0.5)/12 of the blocks' cost.
+    config = tread.MODEL_CONFIGS["DiT-B/2"]
+    speedup = tread.ideal_speedup(config, [Route(2, 8, 0.5)])
+    assert 1.35 < speedup < 1.5
+    assert tread.ideal_speedup(config, []) == 1.0
