@@ -35,7 +35,8 @@ def main() -> None:
         repeats=args.repeats,
         steps_per_repeat=args.steps_per_repeat,
     )
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, {torch.get_num_threads()} threads")
     print(format_table([result]))
     if args.json:
         with open(args.json, "w") as handle:

@@ -7,6 +7,10 @@ import torch
 
 import tread
 
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP threads
+# fighting another process make small matmuls ~100x slower. One thread keeps the suite fast.
+torch.set_num_threads(1)
+
 
 def tiny_dit(**overrides):
     """A 4-block, width-32 DiT on 8x8x1 inputs with 10 classes (16 tokens at patch 2)."""

@@ -139,3 +139,16 @@ def test_ideal_speedup_paper_defaults():
     speedup = tread.ideal_speedup(config, [Route(2, 8, 0.5)])
     assert 1.35 < speedup < 1.5
     assert tread.ideal_speedup(config, []) == 1.0
+
+
+def test_initial_weights_are_a_function_of_the_generator_seed():
+    def build(seed):
+        g = torch.Generator().manual_seed(seed)
+        return tread.build_model("DiT-S/4", depth=2, width=32, heads=2, generator=g).state_dict()
+
+    torch.manual_seed(123)  # the global RNG must not matter
+    a = build(0)
+    torch.manual_seed(456)
+    b, c = build(0), build(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["blocks.0.attn.qkv.weight"], c["blocks.0.attn.qkv.weight"])

@@ -203,3 +203,21 @@ def test_invalid_route_refused_at_call_time():
 def test_negative_indices_resolve_against_depth():
     assert resolve_routes([Route(2, -4, 0.5)], 12) == (Route(2, 8, 0.5),)
     assert resolve_routes([Route(2, -4, 0.5)], 28) == (Route(2, 24, 0.5),)
+
+
+def test_explicit_plans_replace_the_draw_and_slices_match_the_global_batch():
+    """Rows of a plan drawn for a global batch route each shard exactly as one big call does."""
+    x = torch.randn(4, 16, 8)
+    blocks = [Mixer(8) for _ in range(3)]
+    route = [Route(1, 1, 0.5)]
+    plan = sample_plan(4, 16, 8, generator=torch.Generator().manual_seed(0))
+    full = route_blocks(blocks, x, None, route, plans=[plan])
+    drawn = route_blocks(blocks, x, None, route, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(full, drawn)
+    halves = [
+        route_blocks(blocks, x[rows], None, route, plans=[RoutePlan(plan.keep[rows])])
+        for rows in (slice(0, 2), slice(2, 4))
+    ]
+    assert torch.allclose(torch.cat(halves), full, atol=1e-6)
+    with pytest.raises(ValueError, match="plans for"):
+        route_blocks(blocks, x, None, route, plans=[plan, plan])

@@ -80,8 +80,7 @@ class ImageArrays:
             raise DataError(f"{name}: labels must be an int64 tensor, got {kind}")
         if labels.ndim != 1 or labels.shape[0] != imgs.shape[0]:
             raise DataError(
-                f"{name}: labels shape {tuple(labels.shape)} does not match "
-                f"{imgs.shape[0]} images"
+                f"{name}: labels shape {tuple(labels.shape)} does not match {imgs.shape[0]} images"
             )
         if imgs.shape[0] == 0:
             raise DataError(f"{name}: dataset is empty")

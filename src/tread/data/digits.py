@@ -9,8 +9,13 @@ import torch
 from tread.data.arrays import ImageArrays, to_unit_range
 from tread.errors import ConfigError
 
-__all__ = ["DIGITS_SPLIT_SEED", "DIGITS_TEST_FRACTION", "Split", "digits_split_indices",
-           "load_digits"]
+__all__ = [
+    "DIGITS_SPLIT_SEED",
+    "DIGITS_TEST_FRACTION",
+    "Split",
+    "digits_split_indices",
+    "load_digits",
+]
 
 Split = Literal["train", "test", "all"]
 

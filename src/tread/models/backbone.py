@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..routing import Route, resolve_routes, route_blocks
+from ..routing import Route, RoutePlan, resolve_routes, route_blocks
 
 
 class RoutableBackbone(nn.Module):
@@ -40,6 +40,11 @@ class RoutableBackbone(nn.Module):
         self.keep_order = keep_order
         self.fp32_after_reinsert = fp32_after_reinsert
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per sample entering the blocks (N)."""
+        raise NotImplementedError
+
     def embed(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Any, dict[str, Tensor]]:
         raise NotImplementedError
 
@@ -60,6 +65,7 @@ class RoutableBackbone(nn.Module):
         *,
         routes: Sequence[Route] | None = None,
         generator: torch.Generator | None = None,
+        plans: Sequence[RoutePlan] | None = None,
     ) -> Tensor:
         """Denoiser network output.
 
@@ -69,6 +75,7 @@ class RoutableBackbone(nn.Module):
             y: (B,) long class labels; ``num_classes`` is the null label.
             routes: None = configured routes in train mode, dense in eval; a list applies as is.
             generator: randomness of the token subsets.
+            plans: explicit kept-token plans, one per active route, instead of drawing.
 
         Returns:
             (B, C_out, H, W).
@@ -83,5 +90,6 @@ class RoutableBackbone(nn.Module):
             generator=generator,
             keep_order=self.keep_order,
             fp32_after_reinsert=self.fp32_after_reinsert,
+            plans=plans,
         )
         return self.head(tokens, cond)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ..routing import Route
@@ -94,6 +95,7 @@ class DiT(RoutableBackbone):
         *,
         keep_order: bool = False,
         fp32_after_reinsert: bool = False,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(
             routes,
@@ -113,24 +115,34 @@ class DiT(RoutableBackbone):
             DiTBlock(D, config.heads, config.mlp_hidden) for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
-        self.reset_parameters()
+        self.reset_parameters(generator)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
 
     @property
     def num_classes(self) -> int:
         return self.config.num_classes
 
-    def reset_parameters(self) -> None:
-        """DiT initialisation: Xavier linears, N(0, 0.02) embedders, zeroed adaLN and output."""
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """DiT initialisation: Xavier linears, N(0, 0.02) embedders, zeroed adaLN and output.
+
+        Every parameter is overwritten here, so with a ``generator`` the initial weights are a
+        pure function of its seed.
+        """
+        g = generator
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
+                nn.init.xavier_uniform_(module.weight, generator=g)
                 nn.init.zeros_(module.bias)
         weight = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))  # like a linear on patches
+        # Like a linear on flattened patches: (D, C, p, p) viewed as (D, C*p*p).
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1), generator=g)
         nn.init.zeros_(self.patch_embed.proj.bias)
-        nn.init.normal_(self.y_embedder.table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.y_embedder.table.weight, std=0.02, generator=g)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02, generator=g)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02, generator=g)
         for block in self.blocks:
             nn.init.zeros_(block.ada_ln_modulation[-1].weight)
             nn.init.zeros_(block.ada_ln_modulation[-1].bias)

@@ -20,7 +20,7 @@ for _family in ("DiT", "SiT"):
                 depth=_depth, width=_width, heads=_heads, patch_size=_patch
             )
 
-_BUILD_OPTIONS = ("routes", "keep_order", "fp32_after_reinsert")
+_BUILD_OPTIONS = ("routes", "keep_order", "fp32_after_reinsert", "generator")
 
 
 def build_model(name: str, **overrides: Any) -> DiT:
@@ -30,7 +30,7 @@ def build_model(name: str, **overrides: Any) -> DiT:
         name: a registry key such as ``"DiT-B/2"`` or ``"SiT-XL/2"``.
         **overrides: ``DiTConfig`` fields (``input_size``, ``in_channels``, ``num_classes``,
             ``learn_sigma``, ``depth``, ``width``, ...) and ``routes`` (training-time default
-            routes), ``keep_order``, ``fp32_after_reinsert``.
+            routes), ``keep_order``, ``fp32_after_reinsert``, ``generator`` (initial weights).
 
     Raises:
         ValueError: unknown name or override, or an invalid route for the model's depth.

@@ -22,6 +22,7 @@ def route_blocks(
     generator: torch.Generator | None = None,
     keep_order: bool = False,
     fp32_after_reinsert: bool = False,
+    plans: Sequence[RoutePlan] | None = None,
 ) -> Tensor:
     """Run ``blocks`` over the tokens, letting a random share skip each route's span.
 
@@ -42,13 +43,18 @@ def route_blocks(
         keep_order: keep the kept tokens in their original order (needed by scan backbones).
         fp32_after_reinsert: run the block right after each route end with autocast disabled
             and in float32, as the official code does for numerical safety after re-insertion.
+        plans: precomputed plans, one per route, used instead of drawing (e.g. rows of a plan
+            drawn for the global batch, so data-parallel ranks route exactly as one process).
 
     Returns:
         (B, N, D) output tokens.
     """
     aux = dict(aux or {})
     batch, num_tokens = x.shape[:2]
-    starts = {r.start: r for r in resolve_routes(routes, len(blocks))}
+    resolved = resolve_routes(routes, len(blocks))
+    if plans is not None and len(plans) != len(resolved):
+        raise ValueError(f"got {len(plans)} plans for {len(resolved)} routes")
+    starts = {r.start: (i, r) for i, r in enumerate(resolved)}
     fp32_blocks: set[int] = set()
 
     saved: Tensor | None = None  # (B, N, D) sequence at the start of the active route
@@ -56,16 +62,24 @@ def route_blocks(
     end = -1
     block_aux = aux
     for index, block in enumerate(blocks):
-        route = starts.get(index)
+        position, route = starts.get(index, (0, None))
         if route is not None and route.num_kept(num_tokens) < num_tokens:
-            plan = sample_plan(
-                batch,
-                num_tokens,
-                route.num_kept(num_tokens),
-                generator=generator,
-                device=x.device,
-                keep_order=keep_order,
-            )
+            if plans is not None:
+                plan = plans[position]
+                if tuple(plan.keep.shape) != (batch, route.num_kept(num_tokens)):
+                    raise ValueError(
+                        f"plan for {route} has shape {tuple(plan.keep.shape)}, expected "
+                        f"{(batch, route.num_kept(num_tokens))}"
+                    )
+            else:
+                plan = sample_plan(
+                    batch,
+                    num_tokens,
+                    route.num_kept(num_tokens),
+                    generator=generator,
+                    device=x.device,
+                    keep_order=keep_order,
+                )
             saved, end = x, route.end
             x = plan.gather(x)  # (B, N, D) -> (B, K, D)
             block_aux = {name: plan.gather(value) for name, value in aux.items()}  # (B, K, ...)

@@ -1,0 +1,14 @@
+"""Training: the loop, EMA, checkpoints, distributed helpers."""
+
+from .checkpoint import load_for_inference, resolve_checkpoint
+from .dist import DistInfo
+from .loop import NonFiniteLossError, TrainResult, train
+
+__all__ = [
+    "DistInfo",
+    "NonFiniteLossError",
+    "TrainResult",
+    "load_for_inference",
+    "resolve_checkpoint",
+    "train",
+]

@@ -1,0 +1,35 @@
+"""Exponential moving average of model weights, with a warm-up for short runs."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def ema_decay(step: int, decay: float, warmup: bool) -> float:
+    """Decay used after ``step`` optimizer updates (0-based).
+
+    With warm-up the decay is ``min(decay, (1 + step) / (10 + step))``: the average forgets the
+    random initialisation within the first few hundred steps, which matters for short runs where
+    0.9999 would leave the EMA close to the initial weights.
+    """
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+def make_ema(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` in eval mode (its routes never apply unless asked)."""
+    ema = copy.deepcopy(model).eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers copied)."""
+    ema_params = list(ema.parameters())
+    model_params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers(), strict=True):
+        ema_buffer.copy_(buffer)
