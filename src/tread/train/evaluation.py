@@ -161,11 +161,11 @@ def default_eval_hook(config: Config):
     cache_dir = Path(config.train.run_dir) / "eval"
     reference = reference_for(config, net, None, cache_dir, device)
 
-    def hook(step: int, model: nn.Module) -> dict[str, float]:
+    def hook(step: int, model: nn.Module, resolved: Config) -> dict[str, float]:
         was_training = model.training
         result = evaluate_model(
             model,
-            config,
+            resolved,
             num_samples=config.eval.num_samples,
             metrics=("fd", "acc"),
             net=net,

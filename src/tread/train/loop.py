@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,34 @@ from .metrics_log import MetricsLog
 
 log = logging.getLogger(__name__)
 
-EvalHook = Callable[[int, nn.Module], dict[str, float]]
+EvalHook = Callable[[int, nn.Module, Config], dict[str, float]]
+
+
+class _Clock:
+    """Wall-clock of a run across resumes, split into training and side work.
+
+    Side work (evaluation, sample grids, checkpoints) is excluded from ``train_seconds`` so that
+    time budgets and dense-vs-routed comparisons measure training alone.
+    """
+
+    def __init__(self, elapsed: float = 0.0, side: float = 0.0) -> None:
+        self.start = time.perf_counter()
+        self.before = elapsed
+        self.side = side
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+    def train_seconds(self) -> float:
+        return self.elapsed() - self.side
+
+    @contextmanager
+    def side_work(self) -> Iterator[None]:
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.side += time.perf_counter() - begin
 
 
 class NonFiniteLossError(TreadError):
@@ -128,7 +156,8 @@ def train(
     Args:
         config: the validated run config.
         dist: rank layout (default: a single process).
-        eval_hook: called as ``hook(step, ema_model)`` every ``eval.every`` steps on rank 0;
+        eval_hook: called as ``hook(step, ema_model, resolved_config)`` every ``eval.every``
+            steps and at the end, on rank 0;
             its returned metrics are logged with the step and wall-clock seconds.
         progress: show a tqdm progress bar on rank 0.
 
@@ -170,7 +199,7 @@ def train(
         world_size=info.world_size,
         hflip=config.data.hflip,
     )
-    step, elapsed_before = 0, 0.0
+    step, elapsed_before, side_before = 0, 0.0, 0.0
     if resume_from is not None:
         _check_compatible(ckpt.read_config(resume_from), config, resume_from)
         ckpt.load_weights(model, resume_from / "model.safetensors")
@@ -180,6 +209,7 @@ def train(
         stream.load_state_dict(state["loop"]["data"])
         step = int(state["loop"]["step"])
         elapsed_before = float(state["loop"].get("elapsed", 0.0))
+        side_before = float(state["loop"].get("side", 0.0))
         log.info("resumed from %s at step %d", resume_from, step)
 
     init_process_group(info, device)
@@ -204,10 +234,11 @@ def train(
 
     shape = tuple(data.shape)
     null_label = config.model.num_classes
-    start_time = time.perf_counter()
-    last_log_time, last_log_step = start_time, step
+    clock = _Clock(elapsed_before, side_before)
+    last_log_time, last_log_step = time.perf_counter(), step
     loss_sum, loss_count, grad_norm = 0.0, 0, float("nan")
     last_checkpoint = resume_from
+    side_at_log = clock.side
     stopped = "steps"
     bar = None
     if progress and info.is_main:
@@ -216,8 +247,13 @@ def train(
         bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
     def loop_state() -> dict[str, Any]:
-        elapsed = elapsed_before + time.perf_counter() - start_time
-        return {"step": step, "data": stream.state_dict(), "elapsed": elapsed, "seed": tc.seed}
+        return {
+            "step": step,
+            "data": stream.state_dict(),
+            "elapsed": clock.elapsed(),
+            "side": clock.side,
+            "seed": tc.seed,
+        }
 
     def save() -> Path | None:
         if not info.is_main:
@@ -285,15 +321,18 @@ def train(
 
             if step % tc.log_every == 0 or step == tc.steps:
                 now = time.perf_counter()
+                side_since_log = clock.side - side_at_log
                 mean_loss = mean_across(loss_sum / loss_count, info, device)
-                rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+                # Side work since the last log (grids, checkpoints) is not training speed.
+                rate = (step - last_log_step) / max(now - last_log_time - side_since_log, 1e-9)
                 row = {
                     "step": step,
                     "loss": mean_loss,
                     "lr": lr,
                     "it_s": rate,
                     "img_s": rate * tc.batch_size,
-                    "elapsed_s": elapsed_before + now - start_time,
+                    "elapsed_s": clock.elapsed(),
+                    "train_s": clock.train_seconds(),
                 }
                 if config.optim.grad_clip is not None:
                     row["grad_norm"] = grad_norm
@@ -302,27 +341,31 @@ def train(
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean_loss:.4f}")
                 loss_sum, loss_count = 0.0, 0
-                last_log_time, last_log_step = now, step
+                last_log_time, last_log_step, side_at_log = now, step, clock.side
 
-            out_of_time = tc.max_minutes is not None and (
-                elapsed_before + time.perf_counter() - start_time > 60 * tc.max_minutes
-            )
+            out_of_time = tc.max_minutes is not None and clock.train_seconds() > 60 * tc.max_minutes
             out_of_time = not all_true(not out_of_time, info, device)
-            if eval_hook is not None and config.eval.every and step % config.eval.every == 0:
-                if info.is_main:
-                    results = eval_hook(step, ema)
-                    row = {
-                        "step": step,
-                        "elapsed_s": elapsed_before + time.perf_counter() - start_time,
-                    }
-                    row.update({f"eval/{k}": v for k, v in results.items()})
-                    metrics.write(row)
-                barrier(info)
-            if tc.sample_every and step % tc.sample_every == 0:
-                sample_grid()
-            if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps or out_of_time:
-                last_checkpoint = save() or last_checkpoint
-                barrier(info)
+            last = step == tc.steps or out_of_time
+            if (
+                eval_hook is not None
+                and config.eval.every
+                and (step % config.eval.every == 0 or last)
+            ):
+                with clock.side_work():
+                    if info.is_main:
+                        row = {
+                            "step": step,
+                            **{f"eval/{k}": v for k, v in eval_hook(step, ema, config).items()},
+                        }
+                        row.update(elapsed_s=clock.elapsed(), train_s=clock.train_seconds())
+                        metrics.write(row)
+                    barrier(info)
+            with clock.side_work():
+                if tc.sample_every and step % tc.sample_every == 0:
+                    sample_grid()
+                if (tc.ckpt_every and step % tc.ckpt_every == 0) or last:
+                    last_checkpoint = save() or last_checkpoint
+                    barrier(info)
             if out_of_time:
                 stopped = "time"
                 break
