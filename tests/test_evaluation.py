@@ -99,3 +99,38 @@ def test_eval_command_refuses_missing_inception_weights(trained, capsys, monkeyp
     code = cli_main(["eval", str(trained.run_dir), "--feature-net", "inception"])
     assert code == 2
     assert "Inception weights" in capsys.readouterr().err
+
+
+def _generate_worker(rank, run_dir, port, out):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from tread.train.dist import DistInfo, init_process_group
+
+    info = DistInfo(rank=rank, world_size=2)
+    init_process_group(info, torch.device("cpu"))
+    model, config, _ = load_for_inference(run_dir)
+    images, labels = generate_images(
+        model, config, 7, seed=5, device=torch.device("cpu"), batch_size=3, info=info
+    )
+    if rank == 0:
+        torch.save({"images": images, "labels": labels}, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_generation_split_across_ranks_equals_one_process(trained, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two.pt"
+    mp.spawn(_generate_worker, args=(trained.run_dir, port, out), nprocs=2, join=True)
+    model, config, _ = load_for_inference(trained.run_dir)
+    images, labels = generate_images(model, config, 7, seed=5, device=torch.device("cpu"))
+    two = torch.load(out)
+    assert torch.equal(two["labels"], labels)
+    torch.testing.assert_close(two["images"], images, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,7 @@
-"""Command line: ``tread train | sample | eval | bench | compare``.
+"""Command line: ``tread train | sample | eval | bench | compare | encode-latents``.
 
-The only place that reads the environment (torchrun's RANK/WORLD_SIZE/LOCAL_RANK), sets global
-torch flags (threads, TF32) and prints. Errors a user can cause print one line and exit 2.
+The only place that reads the environment (torchrun's RANK/WORLD_SIZE/LOCAL_RANK, TREAD_VAE), sets
+global torch flags (threads, TF32) and prints. Errors a user can cause print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -80,7 +80,13 @@ def _parse_labels(text: str | None) -> list[int] | None:
         raise ConfigError(f"--labels must be comma-separated integers, got {text!r}") from None
 
 
+def _vae_path(args: argparse.Namespace) -> str | None:
+    """``--vae``, else the TREAD_VAE environment variable."""
+    return args.vae or os.environ.get("TREAD_VAE") or None
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
+    from .data.vae import latent_decoder
     from .generate import generate, sample_labels
     from .train import load_for_inference
     from .visual import save_grid, to_uint8
@@ -91,6 +97,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     bad = [v for v in labels if not 0 <= v <= config.model.num_classes]
     if bad:
         raise ConfigError(f"--labels: {bad[0]} is outside 0..{config.model.num_classes}")
+    # Latent models: load the VAE before sampling so a bad --vae fails at once.
+    decode = latent_decoder(config, _vae_path(args), device)
     seeds = [args.seed + i for i in range(args.count)]
     batches = generate(
         model,
@@ -104,10 +112,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         guidance=args.guidance,
         progress=True,
     )
-    images = torch.cat([x.cpu() for x, _ in batches])
+    images = torch.cat([(decode(x) if decode else x).cpu() for x, _ in batches])
     out = Path(args.out)
     if out.suffix == ".png":
-        scale = max(1, 96 // config.model.input_size)
+        scale = max(1, 96 // images.shape[-1])
         save_grid(images, out, nrow=args.nrow, scale=scale)
     elif out.suffix == ".npz":
         import numpy as np
@@ -166,7 +174,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .train.evaluation import run_eval_command
 
+    args.vae = _vae_path(args)
     return run_eval_command(args, _dist_info())
+
+
+def cmd_encode_latents(args: argparse.Namespace) -> int:
+    from .data.vae import encode_dataset
+
+    vae = _vae_path(args)
+    if not vae:
+        raise ConfigError("--vae PATH is required (a local diffusers AutoencoderKL folder)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    result = encode_dataset(
+        args.src,
+        args.out,
+        vae,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        device=device,
+        dtype=args.dtype,
+        hflip=args.hflip,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        progress=True,
+    )
+    c, h, w = result.latent_shape
+    print(
+        f"wrote {result.num_latents} latents ({c}x{h}x{w} {args.dtype}, "
+        f"{result.num_classes} classes) to {result.path}"
+    )
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -210,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nrow", type=int, default=None, help="grid columns (PNG output)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="samples.png", help="a .png grid, an .npz, or a directory")
+    p.add_argument(
+        "--vae",
+        default=None,
+        help="local diffusers AutoencoderKL folder to decode latent models (or TREAD_VAE)",
+    )
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser(
@@ -242,7 +284,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="JSON output (default: next to the checkpoint)")
+    p.add_argument(
+        "--vae",
+        default=None,
+        help="local diffusers AutoencoderKL folder to decode latent models (or TREAD_VAE)",
+    )
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "encode-latents",
+        help="encode images to VAE latents (.npz) for latent-space training",
+        description="Encode an image folder (one sub-directory per class) or an .npz of images "
+        "to posterior-mean latents with a local SD-VAE; writes latents + labels for "
+        "data.name=latents. Example: tread encode-latents /data/imagenet/train "
+        "data/imagenet256_latents.npz --vae /models/sd-vae-ft-ema",
+    )
+    p.add_argument("src", help="image folder (class sub-directories) or .npz of uint8 images")
+    p.add_argument("out", help="output .npz")
+    p.add_argument("--vae", default=None, help="local diffusers VAE folder (or TREAD_VAE)")
+    p.add_argument("--resolution", type=int, default=256, help="resize + centre crop side")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--hflip", action="store_true", help="also store latents of mirrored images")
+    p.add_argument("--workers", type=int, default=4, help="image-decoding threads")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_encode_latents)
 
     p = sub.add_parser(
         "bench",
@@ -287,8 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--minutes",
         type=float,
-        default=None,
-        help="wall-clock budget per arm (default: equal steps, train.steps)",
+        default=5.0,
+        help="training wall-clock per arm, evaluation excluded (default 5)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="equal steps per arm instead of equal wall-clock"
     )
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
     p.add_argument("--eval-samples", type=int, default=None)

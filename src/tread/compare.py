@@ -32,14 +32,11 @@ def arm_configs(
     """The two arms: identical but for routes and run directory."""
     if not config.model.routes:
         raise ConfigError("compare needs a config with model.routes (the TREAD arm)")
-    train = dataclasses.replace(
-        config.train,
-        max_minutes=minutes if minutes is not None else config.train.max_minutes,
-        resume="auto",
-    )
     if minutes is not None:
         # Equal wall-clock: the step count is only a cap, far beyond what the budget allows.
-        train = dataclasses.replace(train, steps=max(train.steps, 10**7), max_minutes=minutes)
+        train = dataclasses.replace(config.train, steps=10**7, max_minutes=minutes)
+    else:
+        train = dataclasses.replace(config.train, max_minutes=None)
     evaluation = dataclasses.replace(
         config.eval,
         every=eval_every if eval_every is not None else (config.eval.every or 250),
@@ -219,10 +216,15 @@ def run_compare_command(args: Any) -> int:
     preset, overrides = _split_config_args(args.config)
     config = load_config(preset, overrides)
     out = Path(args.out)
+    minutes = None if args.steps else args.minutes
+    if args.steps:
+        config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, steps=args.steps)
+        )
     arms = arm_configs(
         config,
         out,
-        minutes=args.minutes,
+        minutes=minutes,
         eval_every=args.eval_every,
         eval_samples=args.eval_samples,
     )
@@ -230,11 +232,7 @@ def run_compare_command(args: Any) -> int:
         print(f"== {name} arm -> {arm.train.run_dir}", flush=True)
         train(arm, eval_hook=default_eval_hook(arm), progress=True)
     summary = summarize({name: Path(arm.train.run_dir) for name, arm in arms.items()})
-    budget = (
-        f"{args.minutes:g} min of training per arm"
-        if args.minutes
-        else (f"{config.train.steps} steps per arm")
-    )
+    budget = f"{minutes:g} min of training per arm" if minutes else f"{args.steps} steps per arm"
     report = write_report(out, summary, config, budget)
     (out / "compare.json").write_text(json.dumps(summary, indent=2))
     for arm in ARMS:

@@ -20,8 +20,14 @@ def to_uint8(images: Tensor) -> np.ndarray:
 
 
 def save_grid(images: Tensor, path: str | Path, *, nrow: int | None = None, scale: int = 1) -> Path:
-    """Write a PNG grid of (B, C, H, W) images in [-1, 1]; 1 or 3 channels; 2 px gaps."""
+    """Write a PNG grid of (B, C, H, W) images in [-1, 1]; 1 or 3 channels; 2 px gaps.
+
+    More than 3 channels (raw 4-channel VAE latents in training grids) shows the first three as
+    RGB: a rough preview, not a decoded image.
+    """
     pixels = to_uint8(images)
+    if pixels.shape[-1] > 3:
+        pixels = pixels[..., :3]  # (B, H, W, C) -> (B, H, W, 3); PIL would read 4 as RGBA
     B, H, W, C = pixels.shape
     nrow = nrow or math.ceil(math.sqrt(B))
     ncol = math.ceil(B / nrow)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zipfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +21,8 @@ __all__ = [
     "center_crop_resize",
     "load_image_folder",
     "load_npz_images",
+    "read_images",
+    "scan_image_folder",
 ]
 
 ColorMode = Literal["RGB", "L"]
@@ -88,6 +91,56 @@ def _stack(arrays: list[np.ndarray], files: list[Path], name: str) -> np.ndarray
     return np.stack(arrays)
 
 
+def _check_options(mode: str, resolution: int | None, name: str) -> None:
+    if mode not in ("RGB", "L"):
+        raise ConfigError(f"{name}: mode must be 'RGB' or 'L', got {mode!r}")
+    if resolution is not None and resolution < 1:
+        raise ConfigError(f"{name}: resolution must be positive, got {resolution}")
+
+
+def scan_image_folder(path: str | Path, name: str = "folder") -> tuple[list[Path], list[int], int]:
+    """List an image folder's files and labels (layouts as in :func:`load_image_folder`).
+
+    Returns:
+        (files in label order, labels, number of classes).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{name}: directory not found: {root}")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    per_class = [_images_under(d, recursive=True) for d in class_dirs]
+    loose = _images_under(root, recursive=False)
+    if any(per_class):
+        if loose:
+            raise DataError(
+                f"{name}: {root} mixes loose images ({loose[0].name}) with class sub-directories"
+            )
+        for class_dir, files in zip(class_dirs, per_class, strict=True):
+            if not files:
+                # An empty class would silently shift every later label; refuse instead.
+                raise DataError(f"{name}: class directory {class_dir} contains no images")
+        files = [f for group in per_class for f in group]
+        labels = [k for k, group in enumerate(per_class) for _ in group]
+        return files, labels, len(class_dirs)
+    if loose:
+        return loose, [0] * len(loose), 1
+    exts = ", ".join(IMAGE_EXTENSIONS)
+    raise DataError(f"{name}: no images under {root} (looked for {exts})")
+
+
+def read_images(
+    files: Sequence[Path],
+    resolution: int | None = None,  # None: keep the native size (all images must match)
+    mode: ColorMode = "RGB",
+    name: str = "folder",
+) -> torch.Tensor:
+    """Decode image files to a float32 (N, C, R, R) tensor in [-1, 1] (resize + centre crop)."""
+    _check_options(mode, resolution, name)
+    files = list(files)
+    pixels = _stack([_read_image(f, mode, resolution, name) for f in files], files, name)
+    return to_unit_range(pixels).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> NCHW
+
+
 def load_image_folder(
     path: str | Path,
     resolution: int | None = None,  # None: keep the native size (all images must match)
@@ -109,37 +162,10 @@ def load_image_folder(
     Returns:
         ImageArrays with images (N, C, R, R) and labels (N,).
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"{name}: directory not found: {root}")
-    if mode not in ("RGB", "L"):
-        raise ConfigError(f"{name}: mode must be 'RGB' or 'L', got {mode!r}")
-    if resolution is not None and resolution < 1:
-        raise ConfigError(f"{name}: resolution must be positive, got {resolution}")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    per_class = [_images_under(d, recursive=True) for d in class_dirs]
-    loose = _images_under(root, recursive=False)
-    if any(per_class):
-        if loose:
-            raise DataError(
-                f"{name}: {root} mixes loose images ({loose[0].name}) with class sub-directories"
-            )
-        for class_dir, files in zip(class_dirs, per_class, strict=True):
-            if not files:
-                # An empty class would silently shift every later label; refuse instead.
-                raise DataError(f"{name}: class directory {class_dir} contains no images")
-        files = [f for group in per_class for f in group]
-        labels = [k for k, group in enumerate(per_class) for _ in group]
-        num_classes = len(class_dirs)
-    elif loose:
-        files, labels, num_classes = loose, [0] * len(loose), 1
-    else:
-        exts = ", ".join(IMAGE_EXTENSIONS)
-        raise DataError(f"{name}: no images under {root} (looked for {exts})")
-    pixels = _stack([_read_image(f, mode, resolution, name) for f in files], files, name)
-    images = to_unit_range(pixels).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> NCHW
+    _check_options(mode, resolution, name)
+    files, labels, num_classes = scan_image_folder(path, name)
     return ImageArrays(
-        images=images,
+        images=read_images(files, resolution, mode, name),
         labels=torch.tensor(labels, dtype=torch.int64),
         num_classes=num_classes,
         name=name,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,12 @@ def reference_for(
 
     reference = reference or config.eval.reference_split
     if reference in ("train", "test"):
+        if config.data.name == "latents":
+            # The split holds latents, not images: the feature net cannot score them.
+            raise ConfigError(
+                "a latent model is scored on decoded images: pass --reference with a stats "
+                ".npz or an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz)"
+            )
         cache = cache_dir / f"ref_{config.data.name}_{reference}_{net.name}.npz"
         cache.parent.mkdir(parents=True, exist_ok=True)
         return reference_stats(
@@ -75,9 +81,13 @@ def generate_images(
     batch_size: int = 256,
     info: DistInfo | None = None,
     progress: bool = False,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     **sampling: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generate ``num_samples`` class-balanced samples; under torchrun each rank makes a share.
+
+    ``decode`` maps each generated batch to images (the VAE decoder of a latent model, see
+    :func:`tread.data.vae.latent_decoder`); None keeps the samples as they are.
 
     Returns:
         (images (N, C, H, W) in [-1, 1] on CPU, labels (N,)) — complete on rank 0.
@@ -97,7 +107,7 @@ def generate_images(
         progress=progress and info.is_main,
         **sampling,
     )
-    images = torch.cat([x.float().cpu() for x, _ in batches])
+    images = torch.cat([(decode(x) if decode else x).float().cpu() for x, _ in batches])
     if info.enabled:
         import torch.distributed as dist
 
@@ -121,9 +131,13 @@ def evaluate_model(
     batch_size: int = 256,
     info: DistInfo | None = None,
     progress: bool = False,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     **sampling: Any,
 ) -> dict[str, float]:
-    """Generate samples and compute ``metrics`` against ``reference_stats`` (rank 0 result)."""
+    """Generate samples and compute ``metrics`` against ``reference_stats`` (rank 0 result).
+
+    ``decode``: see :func:`generate_images` (required to score a latent model).
+    """
     from ..eval import compute_metrics
 
     device = torch.device(device)
@@ -136,6 +150,7 @@ def evaluate_model(
         batch_size=batch_size,
         info=info,
         progress=progress,
+        decode=decode,
         **sampling,
     )
     if info is not None and not info.is_main:
@@ -181,6 +196,7 @@ def default_eval_hook(config: Config):
 
 def run_eval_command(args: Any, info: DistInfo) -> int:
     """``tread eval CHECKPOINT``: generate, measure, write JSON and print a one-line summary."""
+    from ..data.vae import latent_decoder
     from ..eval import inception_weights_from_env
     from .checkpoint import load_for_inference, resolve_checkpoint
     from .dist import init_process_group
@@ -190,6 +206,7 @@ def run_eval_command(args: Any, info: DistInfo) -> int:
         device = torch.device("cuda", info.local_rank)
     checkpoint = resolve_checkpoint(args.checkpoint)
     model, config, step = load_for_inference(checkpoint, device)
+    decode = latent_decoder(config, getattr(args, "vae", None), device)  # None: pixels
     init_process_group(info, device)
     weights = args.inception_weights or inception_weights_from_env()
     net = feature_net_for(config, args.feature_net, inception_weights=weights, device=device)
@@ -218,6 +235,7 @@ def run_eval_command(args: Any, info: DistInfo) -> int:
         batch_size=args.batch_size,
         info=info,
         progress=True,
+        decode=decode,
         sampler=settings["sampler"],
         steps=settings["steps"],
         guidance=settings["guidance"],
@@ -233,6 +251,7 @@ def run_eval_command(args: Any, info: DistInfo) -> int:
         "reference": args.reference or config.eval.reference_split,
         "num_samples": args.num_samples,
         "seed": args.seed,
+        **({"vae": str(args.vae)} if decode else {}),
         **settings,
         "metrics": result,
         "seconds": time.perf_counter() - start,

@@ -351,14 +351,14 @@ def train(
                 and config.eval.every
                 and (step % config.eval.every == 0 or last)
             ):
+                # Stamp the row with the clock as it stood before the evaluation ran.
+                stamp = {"elapsed_s": clock.elapsed(), "train_s": clock.train_seconds()}
                 with clock.side_work():
                     if info.is_main:
-                        row = {
-                            "step": step,
-                            **{f"eval/{k}": v for k, v in eval_hook(step, ema, config).items()},
-                        }
-                        row.update(elapsed_s=clock.elapsed(), train_s=clock.train_seconds())
-                        metrics.write(row)
+                        results = eval_hook(step, ema, config)
+                        metrics.write(
+                            {"step": step, **{f"eval/{k}": v for k, v in results.items()}, **stamp}
+                        )
                     barrier(info)
             with clock.side_work():
                 if tc.sample_every and step % tc.sample_every == 0:
