@@ -14,7 +14,7 @@ from tread.config import load_config
 from tread.visual import plot_curves, read_metrics
 
 RATIOS = ["ratio_0.00", "ratio_0.25", "ratio_0.50", "ratio_0.75"]
-PLACEMENTS = ["ratio_0.00", "ratio_0.50", "place_0-4", "place_2-7", "place_3-4", "place_1-6"]
+PLACEMENTS = ["ratio_0.00", "ratio_0.50", "place_0-4", "place_2-7", "place_1-6"]
 
 
 def describe(run: Path) -> dict:

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from .config import Config
 from .sampling import PerSampleRNG, sample
+from .seeding import derive_seed
 from .train.builders import objective_from_config
-from .train.dist import derive_seed
 
 
 def sample_labels(count: int, num_classes: int, labels: Sequence[int] | None = None) -> list[int]:

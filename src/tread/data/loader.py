@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
 
 from tread.data.arrays import ImageArrays
 from tread.errors import CheckpointError, ConfigError
+from tread.seeding import derive_seed
 
 __all__ = ["BatchStream", "derive_seed"]
-
-
-def derive_seed(seed: int, stream: str, counter: int) -> int:
-    """Hash (seed, stream name, counter) into an independent 63-bit generator seed.
-
-    A hash rather than ``seed + counter`` so that, e.g., run seed 1 epoch 0 and run seed 0
-    epoch 1 do not share a permutation, and the permutation and flip streams never coincide.
-
-    Args:
-        seed: the run's base seed.
-        stream: what the generator is for ("perm", "hflip").
-        counter: the epoch or step.
-
-    Returns:
-        A non-negative int accepted by ``torch.Generator.manual_seed``.
-    """
-    digest = hashlib.blake2b(f"{seed}/{stream}/{counter}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 class BatchStream:

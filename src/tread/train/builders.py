@@ -10,8 +10,8 @@ from ..config import Config
 from ..data import ImageArrays, load_dataset
 from ..errors import ConfigError
 from ..models import RoutableBackbone, build_model
+from ..seeding import derive_seed
 from ..transport import build_objective
-from .dist import derive_seed
 
 
 def load_data(config: Config, split: str | None = None) -> ImageArrays:

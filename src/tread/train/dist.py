@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -53,9 +52,3 @@ def mean_across(value: float, info: DistInfo, device: torch.device) -> float:
     tensor = torch.tensor([value], device=device, dtype=torch.float64)
     torch_dist.all_reduce(tensor)
     return tensor.item() / info.world_size
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from a tuple (e.g. (run seed, 'step', step)): stable across runs and hosts."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -24,9 +24,10 @@ from ..config import Config, config_to_yaml
 from ..data import BatchStream
 from ..errors import CheckpointError, ConfigError, TreadError
 from ..routing import RoutePlan, sample_plan
+from ..seeding import derive_seed
 from . import checkpoint as ckpt
 from .builders import build_from_config, load_data, objective_from_config, with_data_shape
-from .dist import DistInfo, all_true, barrier, derive_seed, init_process_group, mean_across
+from .dist import DistInfo, all_true, barrier, init_process_group, mean_across
 from .ema import ema_decay, make_ema, update_ema
 from .metrics_log import MetricsLog
 
