@@ -19,6 +19,6 @@ run place_2-7 digits_tread model.routes.0.end=-1 & wait
 tread train train.run_dir="$out/ratio_0.50" --no-progress > "$out/ratio_0.50.log" 2>&1
 
 # 3. Dense vs TREAD at equal training wall-clock (both threads, alone).
-tread compare digits_tread --minutes "${COMPARE_MINUTES:-3}" --out "$out/compare" > "$out/compare.log" 2>&1
+tread compare digits_tread --minutes "${COMPARE_MINUTES:-3}" --eval-every 200 --out "$out/compare" > "$out/compare.log" 2>&1
 
 python scripts/summarize_study.py "$out"

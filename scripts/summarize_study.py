@@ -24,7 +24,11 @@ def describe(run: Path) -> dict:
     fd = eval_points(run, "fd", "step")
     acc = eval_points(run, "acc", "step")
     routes = config.routes()
-    route = ", ".join(f"r({r.start}→{r.end}, {r.ratio:g})" for r in routes) or "dense"
+    depth = config.model.depth
+    route = (
+        ", ".join(f"r({r.start}→{r.end}, {r.ratio:g})" for r in (x.resolve(depth) for x in routes))
+        or "dense"
+    )
     return {
         "name": run.name,
         "route": route,
@@ -62,7 +66,7 @@ def main() -> None:
         ("Skip ratio", RATIOS, "ratio"),
         ("Route placement", PLACEMENTS, "placement"),
     ):
-        chosen = [runs[n] for n in names if n in runs]
+        chosen = [runs[n] for n in names if n in runs and runs[n]["fd"]]
         print(f"### {title}\n\n{table(chosen)}\n")
         plot_curves(
             {f"{r['name']} {r['route']}": r["fd"] for r in chosen},
