@@ -61,7 +61,17 @@ def test_compare_writes_report_plots_and_table(tmp_path, capsys):
     for arm in ("dense", "tread"):
         assert summary[arm]["steps"] == 20
         assert [s for s, _ in summary[arm]["fd_vs_steps"]] == [10, 20]
+    # Ideal speed-up from the cost model for the tread arm's route on 16 tokens of 3 blocks.
+    from tread.cost import forward_flops
+    from tread.models.dit import DiTConfig
+
+    cfg = DiTConfig(depth=3, width=32, heads=2, patch_size=2, input_size=8, in_channels=1)
+    expected = forward_flops(cfg) / forward_flops(cfg, [Route(1, 1, 0.5)])
+    assert summary["step_speedup"]["ideal"] == pytest.approx(expected)
+    measured = summary["tread"]["median_it_s"] / summary["dense"]["median_it_s"]
+    assert summary["step_speedup"]["measured"] == pytest.approx(measured)
     report = (out / "report.md").read_text()
+    assert "x ideal from the cost model" in report
     assert "| dense | 20 |" in report and "| tread | 20 |" in report
     # The dense arm really is dense: its saved config has no routes.
     assert "routes: []" in (out / "dense" / "config.yaml").read_text()

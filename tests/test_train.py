@@ -184,3 +184,29 @@ def test_cli_train_then_sample(tmp_path, capsys):
     assert cli_main(["sample", str(tmp_path / "nope")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     assert cli_main(["train", "bogus=1"]) == 2
+
+
+def test_progress_total_follows_the_binding_limit():
+    from tread.train.loop import _projected_steps
+
+    tc = load_config("digits_tread").train
+    # No time budget: the step count is the total.
+    assert (
+        _projected_steps(10, 2.0, 5.0, dataclasses.replace(tc, steps=300, max_minutes=None)) == 300
+    )
+    # 1 minute budget, 50 s spent at 2 it/s: 10 s left -> 20 more steps.
+    timed = dataclasses.replace(tc, steps=10**7, max_minutes=1.0)
+    assert _projected_steps(100, 2.0, 50.0, timed) == 120
+    # The step limit binds when it comes first; an overrun budget projects no more steps.
+    assert _projected_steps(100, 2.0, 50.0, dataclasses.replace(timed, steps=105)) == 105
+    assert _projected_steps(100, 2.0, 70.0, timed) == 100
+
+
+def test_time_budget_stops_and_logs_the_final_step(tmp_path):
+    config = tiny_config(
+        tmp_path, "train.steps=1000", "train.log_every=100", "train.max_minutes=0.000001"
+    )
+    result = train(config, progress=False)
+    assert result.stopped == "time" and result.step == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows if "loss" in r] == [1]

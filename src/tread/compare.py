@@ -84,8 +84,9 @@ def summarize(runs: dict[str, Path]) -> dict[str, Any]:
         acc = eval_points(run, "acc", "step")
         rates = sorted(r["it_s"] for r in train_rows[1:]) or [float("nan")]
         summary[name] = {
-            "steps": train_rows[-1]["step"] if train_rows else 0,
-            "train_minutes": (train_rows[-1].get("train_s", 0.0) / 60) if train_rows else 0.0,
+            # The last row of any kind: a final evaluation may follow the last logged step.
+            "steps": max((int(r["step"]) for r in rows), default=0),
+            "train_minutes": max((r.get("train_s", 0.0) for r in rows), default=0.0) / 60,
             "median_it_s": rates[len(rates) // 2],
             "final_fd": fd_steps[-1][1] if fd_steps else None,
             "best_fd": min(y for _, y in fd_steps) if fd_steps else None,
@@ -95,6 +96,10 @@ def summarize(runs: dict[str, Path]) -> dict[str, Any]:
             "acc_vs_steps": acc,
         }
     dense, tread = summary["dense"], summary["tread"]
+    summary["step_speedup"] = {
+        "measured": tread["median_it_s"] / dense["median_it_s"],
+        "ideal": _ideal_speedup(runs["tread"]),
+    }
     if dense["final_fd"] is not None and tread["fd_vs_time"]:
         reach_t = time_to_reach(tread["fd_vs_time"], dense["final_fd"])
         reach_s = time_to_reach(tread["fd_vs_steps"], dense["final_fd"])
@@ -105,6 +110,23 @@ def summarize(runs: dict[str, Path]) -> dict[str, Any]:
             "step_speedup": (dense["fd_vs_steps"][-1][0] / reach_s) if reach_s else None,
         }
     return summary
+
+
+def _ideal_speedup(run: Path) -> float:
+    """The cost model's dense/routed FLOP ratio for a run's saved config (built on meta)."""
+    import torch
+
+    from .cost import ideal_speedup
+    from .train.builders import build_from_config
+
+    config = load_config(run / "config.yaml")
+    with torch.device("meta"):
+        model = build_from_config(config)
+    return ideal_speedup(model, config.routes())
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
 
 
 def write_report(out: Path, summary: dict[str, Any], config: Config, budget: str) -> Path:
@@ -139,10 +161,10 @@ def write_report(out: Path, summary: dict[str, Any], config: Config, budget: str
     )
     _side_by_side(out)
 
-    def fmt(value: Any, spec: str) -> str:
-        return "–" if value is None else format(value, spec)
-
-    routes = ", ".join(f"r({r.start}→{r.end}, {r.ratio:g})" for r in config.model.routes)
+    routes = ", ".join(
+        f"r({r.start}→{r.end}, {r.ratio:g})"
+        for r in (route.resolve(config.model.depth) for route in config.routes())
+    )
     lines = [
         f"# Dense vs TREAD: {Path(config.preset).stem}",
         "",
@@ -158,18 +180,27 @@ def write_report(out: Path, summary: dict[str, Any], config: Config, budget: str
         s = summary[arm]
         lines.append(
             f"| {arm} | {s['steps']} | {s['train_minutes']:.1f} | {s['median_it_s']:.2f} | "
-            f"{fmt(s['final_fd'], '.2f')} | {fmt(s['best_fd'], '.2f')} | "
-            f"{fmt(s['final_acc'], '.3f')} |"
+            f"{_fmt(s['final_fd'], '.2f')} | {_fmt(s['best_fd'], '.2f')} | "
+            f"{_fmt(s['final_acc'], '.3f')} |"
         )
+    speed = summary["step_speedup"]
+    lines += [
+        "",
+        f"Training-step speed-up of the TREAD arm (median it/s ratio): "
+        f"{speed['measured']:.2f}x measured, {speed['ideal']:.2f}x ideal from the cost model "
+        f"({100 * speed['measured'] / speed['ideal']:.0f}% of ideal).",
+    ]
     reach = summary.get("tread_reaches_dense_final_fd")
-    if reach:
+    if reach and reach["steps"] is None:
+        lines += ["", "TREAD did not reach the dense arm's final FD within the budget."]
+    elif reach:
         lines += [
             "",
             "TREAD reaches the dense arm's final FD after "
-            f"{fmt(reach['steps'], '.0f')} steps / "
-            f"{fmt(reach['train_seconds'] and reach['train_seconds'] / 60, '.1f')} min "
-            f"(step speed-up {fmt(reach['step_speedup'], '.2f')}x, wall-clock speed-up "
-            f"{fmt(reach['wallclock_speedup'], '.2f')}x; interpolated between evaluations).",
+            f"{_fmt(reach['steps'], '.0f')} steps / "
+            f"{_fmt(reach['train_seconds'] and reach['train_seconds'] / 60, '.1f')} min "
+            f"(step speed-up {_fmt(reach['step_speedup'], '.2f')}x, wall-clock speed-up "
+            f"{_fmt(reach['wallclock_speedup'], '.2f')}x; interpolated between evaluations).",
         ]
     lines += [
         "",
@@ -239,7 +270,7 @@ def run_compare_command(args: Any) -> int:
         s = summary[arm]
         print(
             f"{arm:>6}: {s['steps']} steps, {s['train_minutes']:.1f} min, "
-            f"final FD {s['final_fd']}, acc {s['final_acc']}"
+            f"final FD {_fmt(s['final_fd'], '.2f')}, acc {_fmt(s['final_acc'], '.3f')}"
         )
     print(f"report: {report}")
     return 0

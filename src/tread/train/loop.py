@@ -63,6 +63,17 @@ class _Clock:
             self.side += time.perf_counter() - begin
 
 
+def _projected_steps(step: int, rate: float, train_seconds: float, tc: Any) -> int:
+    """Steps the run will reach: ``tc.steps``, or fewer when the time budget runs out first.
+
+    Used as the progress bar's total so that its ETA is right for time-budgeted runs.
+    """
+    if tc.max_minutes is None:
+        return tc.steps
+    left = max(60 * tc.max_minutes - train_seconds, 0.0)
+    return min(tc.steps, step + math.ceil(rate * left))
+
+
 class NonFiniteLossError(TreadError):
     """Training stopped because the loss or gradient became NaN/inf."""
 
@@ -245,7 +256,8 @@ def train(
     if progress and info.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        total = tc.steps if tc.max_minutes is None else None  # projected after the first log
+        bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
     def loop_state() -> dict[str, Any]:
         return {
@@ -320,7 +332,10 @@ def train(
             if bar is not None:
                 bar.update(1)
 
-            if step % tc.log_every == 0 or step == tc.steps:
+            out_of_time = tc.max_minutes is not None and clock.train_seconds() > 60 * tc.max_minutes
+            out_of_time = not all_true(not out_of_time, info, device)
+            last = step == tc.steps or out_of_time
+            if step % tc.log_every == 0 or last:
                 now = time.perf_counter()
                 side_since_log = clock.side - side_at_log
                 mean_loss = mean_across(loss_sum / loss_count, info, device)
@@ -340,13 +355,11 @@ def train(
                 if metrics is not None:
                     metrics.write(row)
                 if bar is not None:
+                    bar.total = _projected_steps(step, rate, clock.train_seconds(), tc)
                     bar.set_postfix(loss=f"{mean_loss:.4f}")
                 loss_sum, loss_count = 0.0, 0
                 last_log_time, last_log_step, side_at_log = now, step, clock.side
 
-            out_of_time = tc.max_minutes is not None and clock.train_seconds() > 60 * tc.max_minutes
-            out_of_time = not all_true(not out_of_time, info, device)
-            last = step == tc.steps or out_of_time
             if (
                 eval_hook is not None
                 and config.eval.every
