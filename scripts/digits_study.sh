@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Small-scale reproduction on digits (docs/results.md): every run of the study, exact commands.
-# About 80 minutes on a 2-core CPU. Runs whose wall-clock is reported (the main job and the
+# About 2 hours on a 2-core CPU. Runs whose wall-clock is reported (the main job and the
 # equal wall-clock comparison) run alone; equal-step runs share the machine, one thread each.
 set -euo pipefail
 out=${1:-runs/study}
@@ -18,7 +18,19 @@ run place_2-7 digits_tread model.routes.0.end=-1 & wait
 # 2. The main job itself (`tread train`, defaults, both threads, alone): r(2->4), ratio 0.5.
 tread train train.run_dir="$out/ratio_0.50" --no-progress > "$out/ratio_0.50.log" 2>&1
 
-# 3. Dense vs TREAD at equal training wall-clock (both threads, alone).
-tread compare digits_tread --minutes "${COMPARE_MINUTES:-3}" --eval-every 200 --out "$out/compare" > "$out/compare.log" 2>&1
+# 3. Dense vs TREAD at equal training wall-clock (both threads, alone): `tread compare` as it
+#    comes (5 min per arm) and 8 min per arm with an evaluation every 150 steps.
+tread compare --out "$out/compare5" > "$out/compare5.log" 2>&1
+tread compare --minutes 8 --eval-every 150 --out "$out/compare8" > "$out/compare8.log" 2>&1
+
+# 4. The final checkpoints of both comparisons scored again with two more sample seeds (noise).
+for run in compare5 compare8; do
+  for arm in dense tread; do
+    for seed in 1000 2000; do
+      tread eval "$out/$run/$arm" --num-samples 500 --metrics fd,acc --seed "$seed" \
+        --out "$out/$run/${arm}_eval_$seed.json" > /dev/null
+    done
+  done
+done
 
 python scripts/summarize_study.py "$out"
