@@ -14,6 +14,8 @@ run ratio_0.00 digits_dit & run ratio_0.25 digits_tread model.routes.0.ratio=0.2
 run place_1-6 digits_tread model.routes.0.start=1 model.routes.0.end=-2 & wait
 run ratio_0.75 digits_tread model.routes.0.ratio=0.75 & run place_0-4 digits_tread model.routes.0.start=0 &
 run place_2-7 digits_tread model.routes.0.end=-1 & wait
+# Route length at a fixed end block (4): r(3->4) and r(1->4) beside the main job's r(2->4).
+run place_3-4 digits_tread model.routes.0.start=3 & run place_1-4 digits_tread model.routes.0.start=1 & wait
 
 # 2. The main job itself (`tread train`, defaults, both threads, alone): r(2->4), ratio 0.5.
 tread train train.run_dir="$out/ratio_0.50" --no-progress > "$out/ratio_0.50.log" 2>&1

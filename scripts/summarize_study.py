@@ -16,6 +16,7 @@ from tread.visual import plot_curves, read_metrics
 
 RATIOS = ["ratio_0.00", "ratio_0.25", "ratio_0.50", "ratio_0.75"]
 PLACEMENTS = ["ratio_0.00", "ratio_0.50", "place_0-4", "place_2-7", "place_1-6"]
+LENGTHS = ["place_3-4", "ratio_0.50", "place_1-4"]  # same end block, 2 / 3 / 4 blocks routed
 COMPARES = {"compare5": "5 min (default)", "compare8": "8 min"}
 EXTRA_SEEDS = (1000, 2000)
 
@@ -126,9 +127,11 @@ def main() -> None:
     for title, names, file in (
         ("Skip ratio", RATIOS, "ratio"),
         ("Route placement", PLACEMENTS, "placement"),
+        ("Route length", LENGTHS, "length"),
     ):
         chosen = [runs[n] for n in names if n in runs and runs[n]["fd"]]
-        if not chosen:  # runs not present here: leave the committed plot alone
+        if len(chosen) < len(names):  # runs missing here: leave the committed plot alone
+            print(f"### {title}: skipped, missing {sorted(set(names) - set(runs))}\n")
             continue
         print(f"### {title}\n\n{table(chosen)}\n")
         plot_curves(
