@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import Config, config_to_yaml
+from ..config import Config, TrainConfig, config_to_yaml
 from ..data import BatchStream
 from ..errors import CheckpointError, ConfigError, TreadError
 from ..routing import RoutePlan, sample_plan
@@ -63,7 +63,7 @@ class _Clock:
             self.side += time.perf_counter() - begin
 
 
-def _projected_steps(step: int, rate: float, train_seconds: float, tc: Any) -> int:
+def _projected_steps(step: int, rate: float, train_seconds: float, tc: TrainConfig) -> int:
     """Steps the run will reach: ``tc.steps``, or fewer when the time budget runs out first.
 
     Used as the progress bar's total so that its ETA is right for time-budgeted runs.
