@@ -10,8 +10,9 @@ import json
 import statistics
 from pathlib import Path
 
-from tread.compare import eval_points
+from tread.compare import ARMS, eval_points
 from tread.config import load_config
+from tread.routing import describe_routes
 from tread.visual import plot_curves, read_metrics
 
 RATIOS = ["ratio_0.00", "ratio_0.25", "ratio_0.50", "ratio_0.75"]
@@ -27,15 +28,9 @@ def describe(run: Path) -> dict:
     train_rows = [r for r in rows if "loss" in r]
     fd = eval_points(run, "fd", "step")
     acc = eval_points(run, "acc", "step")
-    routes = config.routes()
-    depth = config.model.depth
-    route = (
-        ", ".join(f"r({r.start}→{r.end}, {r.ratio:g})" for r in (x.resolve(depth) for x in routes))
-        or "dense"
-    )
     return {
         "name": run.name,
-        "route": route,
+        "route": describe_routes(config.routes(), config.model.depth),
         "steps": train_rows[-1]["step"],
         "it_s": statistics.median(r["it_s"] for r in train_rows[1:]),
         "train_min": train_rows[-1]["train_s"] / 60,
@@ -68,7 +63,7 @@ def compare_table(study: Path) -> str:
         if not path.is_file():
             continue
         summary = json.loads(path.read_text())
-        for arm in ("dense", "tread"):
+        for arm in ARMS:
             s = summary[arm]
             fds, accs = [s["final_fd"]], [s["final_acc"]]
             for seed in EXTRA_SEEDS:
@@ -98,7 +93,7 @@ def plot_compare(summary: dict, path: Path, budget: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120, sharey=True)
-    for arm in ("dense", "tread"):
+    for arm in ARMS:
         for ax, key, scale in ((axes[0], "fd_vs_time", 60), (axes[1], "fd_vs_steps", 1)):
             xs, ys = zip(*summary[arm][key], strict=True)
             ax.plot([x / scale for x in xs], ys, marker="o", ms=3, label=arm)
@@ -129,10 +124,11 @@ def main() -> None:
         ("Route placement", PLACEMENTS, "placement"),
         ("Route length", LENGTHS, "length"),
     ):
-        chosen = [runs[n] for n in names if n in runs and runs[n]["fd"]]
-        if len(chosen) < len(names):  # runs missing here: leave the committed plot alone
-            print(f"### {title}: skipped, missing {sorted(set(names) - set(runs))}\n")
+        missing = [n for n in names if n not in runs or not runs[n]["fd"]]
+        if missing:  # runs (or their evaluations) missing here: leave the committed plot alone
+            print(f"### {title}: skipped, missing {missing}\n")
             continue
+        chosen = [runs[n] for n in names]
         print(f"### {title}\n\n{table(chosen)}\n")
         plot_curves(
             {f"{r['name']} {r['route']}": r["fd"] for r in chosen},

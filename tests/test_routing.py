@@ -221,3 +221,15 @@ def test_explicit_plans_replace_the_draw_and_slices_match_the_global_batch():
     assert torch.allclose(torch.cat(halves), full, atol=1e-6)
     with pytest.raises(ValueError, match="plans for"):
         route_blocks(blocks, x, None, route, plans=[plan, plan])
+
+
+def test_describe_routes_resolves_indices_and_names_dense():
+    from tread.routing import describe_routes
+
+    assert describe_routes([Route(2, -4, 0.5)], 8) == "r(2→4, 0.5)"
+    assert describe_routes([Route(0, 1, 0.25), Route(-3, -1, 0.75)], 8) == (
+        "r(0→1, 0.25), r(5→7, 0.75)"
+    )
+    assert describe_routes([], 8) == "dense"
+    with pytest.raises(ValueError):
+        describe_routes([Route(0, 9, 0.5)], 8)

@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import Config, load_config
 from .errors import ConfigError
+from .routing import describe_routes
 from .visual import read_metrics
 
 ARMS = ("dense", "tread")
@@ -161,10 +162,7 @@ def write_report(out: Path, summary: dict[str, Any], config: Config, budget: str
     )
     _side_by_side(out)
 
-    routes = ", ".join(
-        f"r({r.start}→{r.end}, {r.ratio:g})"
-        for r in (route.resolve(config.model.depth) for route in config.routes())
-    )
+    routes = describe_routes(config.routes(), config.model.depth)
     lines = [
         f"# Dense vs TREAD: {Path(config.preset).stem}",
         "",

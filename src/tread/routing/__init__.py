@@ -2,6 +2,6 @@
 
 from .apply import route_blocks
 from .plan import RoutePlan, sample_plan
-from .spec import Route, resolve_routes
+from .spec import Route, describe_routes, resolve_routes
 
-__all__ = ["Route", "RoutePlan", "resolve_routes", "route_blocks", "sample_plan"]
+__all__ = ["Route", "RoutePlan", "describe_routes", "resolve_routes", "route_blocks", "sample_plan"]

@@ -96,3 +96,9 @@ def resolve_routes(routes: Sequence[Route], depth: int) -> tuple[Route, ...]:
             )
         resolved.append(current)
     return tuple(resolved)
+
+
+def describe_routes(routes: Sequence[Route], depth: int) -> str:
+    """Routes in the paper's notation with resolved indices, e.g. ``r(2→4, 0.5)``; or "dense"."""
+    resolved = resolve_routes(routes, depth)
+    return ", ".join(f"r({r.start}→{r.end}, {r.ratio:g})" for r in resolved) or "dense"
