@@ -10,7 +10,6 @@ directory per arm, ``fd_vs_time.png``, ``fd_vs_steps.png``, ``samples_side_by_si
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +125,7 @@ def _ideal_speedup(run: Path) -> float:
     return ideal_speedup(model, config.routes())
 
 
-def _fmt(value: Any, spec: str) -> str:
+def fmt(value: Any, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
@@ -178,8 +177,8 @@ def write_report(out: Path, summary: dict[str, Any], config: Config, budget: str
         s = summary[arm]
         lines.append(
             f"| {arm} | {s['steps']} | {s['train_minutes']:.1f} | {s['median_it_s']:.2f} | "
-            f"{_fmt(s['final_fd'], '.2f')} | {_fmt(s['best_fd'], '.2f')} | "
-            f"{_fmt(s['final_acc'], '.3f')} |"
+            f"{fmt(s['final_fd'], '.2f')} | {fmt(s['best_fd'], '.2f')} | "
+            f"{fmt(s['final_acc'], '.3f')} |"
         )
     speed = summary["step_speedup"]
     lines += [
@@ -195,10 +194,10 @@ def write_report(out: Path, summary: dict[str, Any], config: Config, budget: str
         lines += [
             "",
             "TREAD reaches the dense arm's final FD after "
-            f"{_fmt(reach['steps'], '.0f')} steps / "
-            f"{_fmt(reach['train_seconds'] and reach['train_seconds'] / 60, '.1f')} min "
-            f"(step speed-up {_fmt(reach['step_speedup'], '.2f')}x, wall-clock speed-up "
-            f"{_fmt(reach['wallclock_speedup'], '.2f')}x; interpolated between evaluations).",
+            f"{fmt(reach['steps'], '.0f')} steps / "
+            f"{fmt(reach['train_seconds'] and reach['train_seconds'] / 60, '.1f')} min "
+            f"(step speed-up {fmt(reach['step_speedup'], '.2f')}x, wall-clock speed-up "
+            f"{fmt(reach['wallclock_speedup'], '.2f')}x; interpolated between evaluations).",
         ]
     lines += [
         "",
@@ -235,40 +234,3 @@ def _side_by_side(out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "samples_side_by_side.png")
     plt.close(fig)
-
-
-def run_compare_command(args: Any) -> int:
-    from .cli import _split_config_args
-    from .train import train
-    from .train.evaluation import default_eval_hook
-
-    preset, overrides = _split_config_args(args.config)
-    config = load_config(preset, overrides)
-    out = Path(args.out)
-    minutes = None if args.steps else args.minutes
-    if args.steps:
-        config = dataclasses.replace(
-            config, train=dataclasses.replace(config.train, steps=args.steps)
-        )
-    arms = arm_configs(
-        config,
-        out,
-        minutes=minutes,
-        eval_every=args.eval_every,
-        eval_samples=args.eval_samples,
-    )
-    for name, arm in arms.items():
-        print(f"== {name} arm -> {arm.train.run_dir}", flush=True)
-        train(arm, eval_hook=default_eval_hook(arm), progress=True)
-    summary = summarize({name: Path(arm.train.run_dir) for name, arm in arms.items()})
-    budget = f"{minutes:g} min of training per arm" if minutes else f"{args.steps} steps per arm"
-    report = write_report(out, summary, config, budget)
-    (out / "compare.json").write_text(json.dumps(summary, indent=2))
-    for arm in ARMS:
-        s = summary[arm]
-        print(
-            f"{arm:>6}: {s['steps']} steps, {s['train_minutes']:.1f} min, "
-            f"final FD {_fmt(s['final_fd'], '.2f')}, acc {_fmt(s['final_acc'], '.3f')}"
-        )
-    print(f"report: {report}")
-    return 0

@@ -253,6 +253,14 @@ class Config:
         return [r.to_route() for r in self.model.routes]
 
 
+def split_config_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Split CLI words into (preset or YAML path, overrides): the first word is a preset unless
+    it looks like ``key=value``."""
+    if args and "=" not in args[0]:
+        return args[0], list(args[1:])
+    return None, list(args)
+
+
 def preset_path(name_or_path: str | Path) -> Path:
     """Resolve a preset name (``digits_tread``) or a YAML path to an existing file."""
     path = Path(name_or_path)

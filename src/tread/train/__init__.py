@@ -1,5 +1,6 @@
 """Training: the loop, EMA, checkpoints, distributed helpers."""
 
+from .builders import resolve_run
 from .checkpoint import load_for_inference, resolve_checkpoint
 from .dist import DistInfo
 from .loop import NonFiniteLossError, TrainResult, train
@@ -10,5 +11,6 @@ __all__ = [
     "TrainResult",
     "load_for_inference",
     "resolve_checkpoint",
+    "resolve_run",
     "train",
 ]

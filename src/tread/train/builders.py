@@ -92,3 +92,11 @@ def objective_from_config(config: Config):
         logit_mean=objective.logit_mean,
         logit_std=objective.logit_std,
     )
+
+
+def resolve_run(config: Config) -> Config:
+    """Every check a run needs before it writes anything; returns the resolved config.
+
+    Loads the dataset (shapes, classes) and fills what the config leaves to the data.
+    """
+    return with_data_shape(config, load_data(config))

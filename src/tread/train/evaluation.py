@@ -6,8 +6,6 @@ is reproducible from the recorded (checkpoint, sampler, steps, guidance, seed, c
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -167,7 +165,7 @@ def evaluate_model(
     )
 
 
-def default_eval_hook(config: Config):
+def default_eval_hook(config: Config, info: DistInfo | None = None):
     """Hook for the training loop: FD + conditional accuracy of the EMA model every K steps."""
     device = torch.device(
         "cuda" if torch.cuda.is_available() and config.train.device != "cpu" else "cpu"
@@ -192,94 +190,3 @@ def default_eval_hook(config: Config):
         return {k: v for k, v in result.items() if k != "num_samples"}
 
     return hook
-
-
-def run_eval_command(args: Any, info: DistInfo) -> int:
-    """``tread eval CHECKPOINT``: generate, measure, write JSON and print a one-line summary."""
-    from ..data.vae import latent_decoder
-    from ..eval import inception_weights_from_env
-    from .checkpoint import load_for_inference, resolve_checkpoint
-    from .dist import init_process_group
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    model, config, step = load_for_inference(checkpoint, device)
-    decode = latent_decoder(config, getattr(args, "vae", None), device)  # None: pixels
-    init_process_group(info, device)
-    weights = args.inception_weights or inception_weights_from_env()
-    net = feature_net_for(config, args.feature_net, inception_weights=weights, device=device)
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    reference = (
-        reference_for(config, net, args.reference, checkpoint.parent.parent / "eval", device)
-        if info.is_main
-        else None
-    )
-    settings = {
-        "sampler": args.sampler or config.sample.sampler,
-        "steps": args.steps or config.sample.steps,
-        "guidance": config.sample.guidance if args.guidance is None else args.guidance,
-        "guidance_interval": config.sample.guidance_interval,
-    }
-    start = time.perf_counter()
-    result = evaluate_model(
-        model,
-        config,
-        num_samples=args.num_samples,
-        metrics=metrics,
-        net=net,
-        reference_stats=reference,
-        seed=args.seed,
-        device=device,
-        batch_size=args.batch_size,
-        info=info,
-        progress=True,
-        decode=decode,
-        sampler=settings["sampler"],
-        steps=settings["steps"],
-        guidance=settings["guidance"],
-    )
-    if not info.is_main:
-        return 0
-    metric_name = "FID" if net.name.startswith("inception") else "FD"
-    record = {
-        "checkpoint": str(checkpoint),
-        "step": step,
-        "feature_net": net.name,
-        "fd_is": metric_name,
-        "reference": args.reference or config.eval.reference_split,
-        "num_samples": args.num_samples,
-        "seed": args.seed,
-        **({"vae": str(args.vae)} if decode else {}),
-        **settings,
-        "metrics": result,
-        "seconds": time.perf_counter() - start,
-    }
-    out = (
-        Path(args.out)
-        if args.out
-        else checkpoint
-        / (
-            f"eval_{net.name}_n{args.num_samples}_{settings['sampler']}{settings['steps']}"
-            f"_g{settings['guidance']:g}_s{args.seed}.json"
-        )
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    parts = [f"{metric_name} {result['fd']:.3f}"] if "fd" in result else []
-    labels = {
-        "sfid": "sFD",
-        "kid_mean": "KID",
-        "precision": "P",
-        "recall": "R",
-        "is_mean": "IS",
-        "acc": "acc",
-    }
-    parts += [f"{label} {result[key]:.4g}" for key, label in labels.items() if key in result]
-    print(
-        f"step {step} | {', '.join(parts)} | n={args.num_samples} {settings['sampler']} "
-        f"steps={settings['steps']} guidance={settings['guidance']:g} seed={args.seed} "
-        f"net={net.name} -> {out}"
-    )
-    return 0

@@ -1,0 +1,7 @@
+"""``python -m tread.cli`` (what torchrun runs)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

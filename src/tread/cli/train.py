@@ -1,0 +1,58 @@
+"""``tread train``: a preset or YAML file plus dotted overrides; torchrun runs it on every rank."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import HelpFormatter, add_runtime_options, dist_info, set_tf32, set_threads
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model (default: DiT + TREAD on the bundled digits)",
+        description="Train from a preset or YAML file with dotted key=value overrides. "
+        "Under torchrun every rank runs this command. Example: "
+        "tread train fashion_tread train.steps=2000 model.routes.0.ratio=0.25",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("config", nargs="*", help="[PRESET or file.yaml] then key=value overrides")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run every check, print the resolved config and exit (writes nothing)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_options(p, device=False)  # the device is train.device
+    p.set_defaults(func=run, threads_from_config=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import config_to_yaml, load_config, split_config_args
+
+    preset, overrides = split_config_args(args.config)
+    if args.threads:
+        overrides.append(f"train.num_threads={args.threads}")
+    config = load_config(preset, overrides)
+    if args.dry_run:
+        from ..train import resolve_run
+
+        print(config_to_yaml(resolve_run(config)), end="")
+        return 0
+    from ..train import train
+
+    info = dist_info()
+    set_threads(config.train.num_threads)
+    set_tf32(config.train.tf32)
+    hook = None
+    if config.eval.every:
+        from ..train.evaluation import default_eval_hook
+
+        hook = default_eval_hook(config, info)
+    result = train(config, dist=info, eval_hook=hook, progress=not args.no_progress)
+    if info.is_main:
+        how = "time budget reached" if result.stopped == "time" else "done"
+        print(f"{how}: step {result.step}, run directory {result.run_dir}")
+        if result.checkpoint:
+            print(f"checkpoint: {result.checkpoint}")
+    return 0
