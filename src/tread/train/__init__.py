@@ -1,6 +1,6 @@
 """Training: the loop, EMA, checkpoints, distributed helpers."""
 
-from .builders import resolve_run
+from .builders import prepare_run, resolve_run
 from .checkpoint import load_for_inference, resolve_checkpoint
 from .dist import DistInfo
 from .loop import NonFiniteLossError, TrainResult, train
@@ -10,6 +10,7 @@ __all__ = [
     "NonFiniteLossError",
     "TrainResult",
     "load_for_inference",
+    "prepare_run",
     "resolve_checkpoint",
     "resolve_run",
     "train",

@@ -94,9 +94,15 @@ def objective_from_config(config: Config):
     )
 
 
-def resolve_run(config: Config) -> Config:
-    """Every check a run needs before it writes anything; returns the resolved config.
+def prepare_run(config: Config) -> tuple[Config, ImageArrays]:
+    """Every check a run needs before it writes anything: (resolved config, dataset).
 
     Loads the dataset (shapes, classes) and fills what the config leaves to the data.
     """
-    return with_data_shape(config, load_data(config))
+    data = load_data(config)
+    return with_data_shape(config, data), data
+
+
+def resolve_run(config: Config) -> Config:
+    """The resolved config after every check of :func:`prepare_run` (what ``--dry-run`` prints)."""
+    return prepare_run(config)[0]
