@@ -10,7 +10,7 @@ import json
 import statistics
 from pathlib import Path
 
-from tread.compare import ARMS, eval_points
+from tread.compare import ARMS, eval_points, fmt, plot_fd, resolved_depth
 from tread.config import load_config
 from tread.routing import describe_routes
 from tread.visual import plot_curves, read_metrics
@@ -19,7 +19,6 @@ RATIOS = ["ratio_0.00", "ratio_0.25", "ratio_0.50", "ratio_0.75"]
 PLACEMENTS = ["ratio_0.00", "ratio_0.50", "place_0-4", "place_2-7", "place_1-6"]
 LENGTHS = ["place_3-4", "ratio_0.50", "place_1-4"]  # same end block, 2 / 3 / 4 blocks routed
 COMPARES = {"compare5": "5 min (default)", "compare8": "8 min"}
-EXTRA_SEEDS = (1000, 2000)
 
 
 def describe(run: Path) -> dict:
@@ -30,7 +29,7 @@ def describe(run: Path) -> dict:
     acc = eval_points(run, "acc", "step")
     return {
         "name": run.name,
-        "route": describe_routes(config.routes(), config.model.depth),
+        "route": describe_routes(config.routes(), resolved_depth(config)),
         "steps": train_rows[-1]["step"],
         "it_s": statistics.median(r["it_s"] for r in train_rows[1:]),
         "train_min": train_rows[-1]["train_s"] / 60,
@@ -46,16 +45,16 @@ def table(runs: list[dict]) -> str:
         fd = dict(r["fd"])
         lines.append(
             f"| {r['name']} | {r['route']} | {r['steps']} | {r['it_s']:.2f} | "
-            f"{r['train_min']:.1f} | {fd.get(500, float('nan')):.1f} | "
+            f"{r['train_min']:.1f} | {fmt(fd.get(500), '.1f')} | "
             f"{r['fd'][-1][1]:.1f} | {r['acc'][-1][1]:.3f} |"
         )
     return "\n".join(lines)
 
 
 def compare_table(study: Path) -> str:
-    """Equal wall-clock runs: per arm, FD/acc of the final EMA checkpoint at three sample seeds."""
+    """Equal wall-clock runs: per arm, FD/acc of the final EMA model at each sample seed."""
     header = (
-        "| budget | arm | steps | it/s (median) | FD seed 0 / 1000 / 2000 | FD mean | acc mean |"
+        "| budget | arm | steps | it/s (median) | FD per seed | FD mean ± half-range | acc mean |"
     )
     lines = [header, "|" + "---|" * 7]
     for name, budget in COMPARES.items():
@@ -65,49 +64,22 @@ def compare_table(study: Path) -> str:
         summary = json.loads(path.read_text())
         for arm in ARMS:
             s = summary[arm]
-            fds, accs = [s["final_fd"]], [s["final_acc"]]
-            for seed in EXTRA_SEEDS:
-                extra = study / name / f"{arm}_eval_{seed}.json"
-                if extra.is_file():
-                    metrics = json.loads(extra.read_text())["metrics"]
-                    fds.append(metrics["fd"])
-                    accs.append(metrics["acc"])
-            lines.append(
-                f"| {budget} | {arm} | {s['steps']} | {s['median_it_s']:.2f} | "
-                f"{' / '.join(f'{x:.1f}' for x in fds)} | {statistics.mean(fds):.1f} | "
-                f"{statistics.mean(accs):.3f} |"
+            band = s["final_fd_seeds"] or {"fd": [s["final_fd"]], "acc": [s["final_acc"]]}
+            seeds = " / ".join(f"{x:.1f}" for x in band["fd"])
+            spread = (
+                f"{band['fd_mean']:.1f} ± {band['fd_half_range']:.1f}" if "fd_mean" in band else "–"
             )
-        speed = summary["step_speedup"]
+            lines.append(
+                f"| {budget} | {arm} | {s['steps']} | {fmt(s['median_it_s'], '.2f')} | {seeds} | "
+                f"{spread} | {statistics.mean(band['acc']):.3f} |"
+            )
+        speed = summary["training_step_speedup"]
         lines.append(
-            f"| {budget} | step speed-up | {speed['measured']:.2f}x measured | "
-            f"{speed['ideal']:.2f}x ideal | | | |"
+            f"| {budget} | training-step speed-up (it/s ratio) | "
+            f"{fmt(speed['measured_it_s_ratio'], '.2f')}x measured | "
+            f"{fmt(speed['ideal_flop_ratio'], '.2f')}x ideal | | | |"
         )
     return "\n".join(lines)
-
-
-def plot_compare(summary: dict, path: Path, budget: str) -> None:
-    """FD against training wall-clock and against steps, both arms, one figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120, sharey=True)
-    for arm in ARMS:
-        for ax, key, scale in ((axes[0], "fd_vs_time", 60), (axes[1], "fd_vs_steps", 1)):
-            xs, ys = zip(*summary[arm][key], strict=True)
-            ax.plot([x / scale for x in xs], ys, marker="o", ms=3, label=arm)
-    axes[0].set_xlabel("training wall-clock (min)")
-    axes[1].set_xlabel("step")
-    axes[0].set_ylabel("FD (lower is better)")
-    for ax in axes:
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(frameon=False)
-    fig.suptitle(f"Dense vs TREAD, equal training wall-clock ({budget}, digits)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -143,7 +115,8 @@ def main() -> None:
     path = args.study / "compare8" / "compare.json"  # the run with an evaluation every 150 steps
     if path.is_file():
         summary = json.loads(path.read_text())
-        plot_compare(summary, args.docs / "compare8_fd.png", COMPARES["compare8"])
+        title = f"Dense vs TREAD, equal training wall-clock ({COMPARES['compare8']}, digits)"
+        plot_fd(summary, args.docs / "compare8_fd.png", title=title)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,98 @@
-"""``tread compare`` and ``tread bench`` on tiny settings: outputs exist and add up."""
+"""``tread compare`` and ``tread bench``: numbers from synthetic metrics checked against values
+computed by hand, plus one tiny end-to-end comparison."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import re
+from pathlib import Path
 
 import pytest
 
 from tread import Route
 from tread.bench import benchmark_step, format_table
 from tread.cli import main as cli_main
-from tread.compare import time_to_reach
+from tread.compare import (
+    choose_eval_every,
+    choose_log_every,
+    conclude,
+    expected_steps,
+    noise_seeds,
+    plan_intervals,
+    probe_step_rate,
+    resolved_depth,
+    summarize,
+    time_to_reach,
+    write_outputs,
+    write_report,
+)
+from tread.config import config_to_yaml, load_config
+
+TINY = [
+    "model.depth=3",
+    "model.width=32",
+    "model.heads=2",
+    "model.patch_size=2",
+    "model.routes=[{start: 1, end: 1, ratio: 0.5}]",
+]
+SHAPE = ["model.input_size=8", "model.in_channels=1", "model.num_classes=10"]  # as resolved
+
+
+def strict_json(text: str):
+    """json.loads that fails on NaN / Infinity (which json.dumps writes by default)."""
+
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} in JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def make_run(
+    path: Path,
+    *,
+    rates: list[float],
+    evals: list[tuple[int, float, float, float]],
+    overrides: tuple[str, ...] = (),
+    log_every: int = 100,
+) -> Path:
+    """A run directory as training leaves it: config.yaml and metrics.jsonl.
+
+    Args:
+        rates: it/s of each logged training row (rows at log_every, 2 log_every, ...).
+        evals: (step, train_s, fd, acc) evaluation rows.
+    """
+    path.mkdir(parents=True)
+    config = load_config("digits_tread", [*TINY, *SHAPE, *overrides])
+    (path / "config.yaml").write_text(config_to_yaml(config))
+    rows = [
+        {"step": (i + 1) * log_every, "loss": 0.5, "it_s": r, "train_s": (i + 1) * 10.0}
+        for i, r in enumerate(rates)
+    ]
+    rows += [
+        {"step": s, "eval/fd": fd, "eval/acc": acc, "train_s": t, "elapsed_s": t + 1}
+        for s, t, fd, acc in evals
+    ]
+    rows.sort(key=lambda r: r["step"])
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def two_runs(tmp_path: Path, **tread_options) -> dict[str, Path]:
+    dense = make_run(
+        tmp_path / "dense",
+        rates=[50.0, 2.0, 4.0, 3.0],  # first row (warm-up) ignored: median of 2, 4, 3 = 3
+        evals=[(100, 60.0, 80.0, 0.5), (200, 120.0, 40.0, 0.7)],
+        overrides=("model.routes=[]",),
+    )
+    tread = make_run(
+        tmp_path / "tread",
+        rates=tread_options.pop("rates", [50.0, 5.0, 7.0, 6.0]),  # median 6
+        evals=[(100, 40.0, 60.0, 0.6), (200, 80.0, 30.0, 0.8)],
+        **tread_options,
+    )
+    return {"dense": dense, "tread": tread}
 
 
 def test_time_to_reach_interpolates():
@@ -19,62 +102,221 @@ def test_time_to_reach_interpolates():
     assert time_to_reach(points, 10.0) is None
 
 
-def test_compare_writes_report_plots_and_table(tmp_path, capsys):
-    tiny = [
-        "model.depth=3",
-        "model.width=32",
-        "model.heads=2",
-        "model.patch_size=2",
-        "model.routes=[{start: 1, end: 1, ratio: 0.5}]",
-        "train.batch_size=16",
-        "train.log_every=5",
-        "sample.steps=4",
-        "sample.grid_size=10",
-    ]
-    out = tmp_path / "cmp"
-    code = cli_main(
-        [
-            "compare",
-            "digits_tread",
-            *tiny,
-            "--steps",
-            "20",
-            "--eval-every",
-            "10",
-            "--eval-samples",
-            "40",
-            "--out",
-            str(out),
-        ]
-    )
-    assert code == 0
-    for name in (
-        "report.md",
-        "fd_vs_time.png",
-        "fd_vs_steps.png",
-        "acc_vs_steps.png",
-        "samples_side_by_side.png",
-        "compare.json",
-    ):
-        assert (out / name).is_file(), name
-    summary = json.loads((out / "compare.json").read_text())
-    for arm in ("dense", "tread"):
-        assert summary[arm]["steps"] == 20
-        assert [s for s, _ in summary[arm]["fd_vs_steps"]] == [10, 20]
-    # Ideal speed-up from the cost model for the tread arm's route on 16 tokens of 3 blocks.
-    from tread.cost import forward_flops
-    from tread.models.dit import DiTConfig
+def test_summary_numbers_match_hand_computed_values(tmp_path):
+    summary = summarize(two_runs(tmp_path), budget="200 steps per arm")
+    dense, tread = summary["dense"], summary["tread"]
+    assert dense["median_it_s"] == 3.0 and tread["median_it_s"] == 6.0
+    assert dense["final_fd"] == 40.0 and dense["best_fd"] == 40.0 and dense["final_acc"] == 0.7
+    assert dense["train_minutes"] == pytest.approx(2.0)  # last train_s: 120 s
+    assert dense["eval_points"] == 2 and dense["steps"] == 400
+    speed = summary["training_step_speedup"]
+    assert speed["measured_it_s_ratio"] == 2.0
+    # One routed block of three at ratio 0.5: saves less than half a block's FLOPs plus the
+    # attention's quadratic share, so the ideal is above 1 and below 3 / (3 - 0.75).
+    assert 1.0 < speed["ideal_flop_ratio"] < 3 / 2.25
+    assert speed["fraction_of_ideal"] == pytest.approx(2.0 / speed["ideal_flop_ratio"])
+    # TREAD crosses dense's final FD (40) between (100, 60) and (200, 30): 2/3 of the way.
+    reach = summary["tread_reaches_dense_final_fd"]
+    assert reach["target_fd"] == 40.0
+    assert reach["steps"] == pytest.approx(100 + 100 * 2 / 3)
+    assert reach["train_seconds"] == pytest.approx(40 + 40 * 2 / 3)
+    assert reach["steps_to_quality_ratio"] == pytest.approx(200 / (500 / 3))  # 1.2
+    assert reach["wallclock_to_quality_ratio"] == pytest.approx(120 / (200 / 3))  # 1.8
 
-    cfg = DiTConfig(depth=3, width=32, heads=2, patch_size=2, input_size=8, in_channels=1)
-    expected = forward_flops(cfg) / forward_flops(cfg, [Route(1, 1, 0.5)])
-    assert summary["step_speedup"]["ideal"] == pytest.approx(expected)
-    measured = summary["tread"]["median_it_s"] / summary["dense"]["median_it_s"]
-    assert summary["step_speedup"]["measured"] == pytest.approx(measured)
+
+def test_too_few_rows_and_nan_metrics_give_no_nan_anywhere(tmp_path):
+    # One logged row, as a 10-step run with log_every=25 leaves: nothing after the warm-up row.
+    runs = two_runs(tmp_path, rates=[50.0])
+    with (runs["tread"] / "metrics.jsonl").open("a") as f:  # a diverged evaluation
+        f.write(json.dumps({"step": 300, "eval/fd": float("nan"), "train_s": 90.0}) + "\n")
+    summary = summarize(runs, budget="300 steps per arm")
+    assert summary["tread"]["median_it_s"] is None
+    speed = summary["training_step_speedup"]
+    assert speed["measured_it_s_ratio"] is None and speed["fraction_of_ideal"] is None
+    assert "too few logged training rows" in speed["note"]
+    assert summary["tread"]["final_fd"] == 30.0  # the NaN row is not a point of the curve
+    strict_json(json.dumps(summary, allow_nan=False))
+    report = write_report(tmp_path, summary, "tiny").read_text()
+    assert "nan" not in report.lower()
+    assert "not measured, too few logged training rows" in report
+    assert "| tread | 300 | 1.5 | – |" in report
+
+
+def test_report_names_two_figures_apart_and_states_real_sample_count(tmp_path):
+    runs = two_runs(tmp_path, overrides=("eval.num_samples=200",))
+    summary = summarize(runs, budget="200 steps per arm")
+    assert summary["eval"]["num_samples"] == 200
+    report = write_report(tmp_path, summary, "tiny").read_text()
+    assert "over 200 EMA samples" in report
+    assert "Training-step speed-up (it/s ratio" in report
+    assert "steps-to-quality ratio 1.20x" in report
+    assert "wall-clock-to-quality ratio 1.80x" in report
+    assert "inside the noise: not a conclusion" in report  # 2 evaluations: inconclusive
+    # "step speed-up" only ever as part of "training-step speed-up"
+    assert not re.search(r"(?<!training-)step speed-up", report, re.IGNORECASE)
+    assert not any("step_speedup" in key for key in summary if key != "training_step_speedup")
+
+
+def band(fds: list[float]) -> dict:
+    return {
+        "fd": fds,
+        "fd_mean": sum(fds) / len(fds),
+        "fd_half_range": (max(fds) - min(fds)) / 2,
+        "fd_min": min(fds),
+        "fd_max": max(fds),
+    }
+
+
+def arms(dense_fds, tread_fds, *, points=6, steps=1000) -> dict:
+    def arm(fds):
+        seeds = band(fds) if len(fds) > 1 else None
+        return {"eval_points": points, "steps": steps, "final_fd": fds[0], "final_fd_seeds": seeds}
+
+    return {"budget": "5 min of training per arm", "dense": arm(dense_fds), "tread": arm(tread_fds)}
+
+
+@pytest.mark.parametrize(
+    ("summary", "verdict", "words"),
+    [
+        (arms([20.0, 21.0, 22.0], [17.0, 18.0, 19.0]), "tread", "TREAD ends with the lower FD"),
+        (arms([17.0, 18.0, 19.0], [20.0, 21.0, 22.0]), "dense", "dense ends with the lower FD"),
+        (arms([18.0, 19.0, 20.0], [17.5, 18.5, 19.5]), "inconclusive", "inside the seed-noise"),
+        (arms([20.0, 21.0, 22.0], [10.0, 11.0, 12.0], steps=100), "inconclusive", "too short"),
+        (arms([20.0, 21.0, 22.0], [10.0, 11.0, 12.0], points=4), "inconclusive", "too short"),
+        (arms([20.0], [10.0]), "inconclusive", "noise was not measured"),
+    ],
+)
+def test_conclusion_needs_length_and_a_gap_outside_the_band(summary, verdict, words):
+    result = conclude(summary)
+    assert result["verdict"] == verdict
+    assert words in result["text"]
+    if summary["dense"]["final_fd_seeds"]:  # the band is stated next to every conclusion
+        assert "over 3 / 3 sample seeds (mean ± half-range)" in result["text"]
+        assert result["text"].count("± 1.00") == 2
+
+
+def test_seed_band_in_summary(tmp_path):
+    seed_fd = {
+        "dense": {
+            "step": 200,
+            "seeds": [0, 1000, 2000],
+            "fd": [40.0, 43.0, 37.0],
+            "acc": [0.7] * 3,
+        },
+        "tread": {
+            "step": 200,
+            "seeds": [0, 1000, 2000],
+            "fd": [30.0, 31.0, 29.0],
+            "acc": [0.8] * 3,
+        },
+    }
+    summary = summarize(two_runs(tmp_path), budget="200 steps per arm", seed_fd=seed_fd)
+    dense = summary["dense"]["final_fd_seeds"]
+    assert (dense["fd_mean"], dense["fd_half_range"]) == (40.0, 3.0)
+    assert summary["conclusion"]["verdict"] == "inconclusive"  # 2 evaluations, 200 steps
+    assert "dense 40.00 ± 3.00, TREAD 30.00 ± 1.00" in summary["conclusion"]["text"]
+
+
+def test_noise_seeds_do_not_share_per_sample_seeds():
+    assert noise_seeds(0, 3, 500) == [0, 1000, 2000]
+    assert noise_seeds(7, 2, 1500) == [7, 2007]  # samples 7..1506 and 2007..3506
+
+
+@pytest.mark.parametrize(("steps", "every"), [(20, 4), (12, 2), (1000, 200), (3, 1)])
+def test_eval_interval_gives_five_points(steps, every):
+    assert choose_eval_every(steps) == every
+    assert steps // every >= min(5, steps)
+
+
+def test_interval_from_a_probed_rate():
+    # 2.5 it/s for the slower arm, 5 min, 0.8 margin: 600 steps -> every 120, rows every 25 / 5.
+    assert expected_steps({"dense": 2.5, "tread": 3.0}, 5.0) == 600
+    assert choose_eval_every(600) == 120
+    assert choose_log_every(25, 600) == 25 and choose_log_every(25, 100) == 5
+    assert choose_log_every(25, 10) == 1
+
+
+def test_plan_intervals_for_each_budget(monkeypatch):
+    config = load_config("digits_tread", [*TINY, *SHAPE, "train.steps=20", "train.log_every=25"])
+    resolved = {"dense": config, "tread": config}
+    plan = plan_intervals(resolved, minutes=None, eval_every=None)
+    assert (plan.eval_every, plan.log_every, plan.rates) == (4, 1, None)  # 20 // 5, 20 // 20
+    assert plan_intervals(resolved, minutes=None, eval_every=7).note == "--eval-every"
+    probed = {"dense": 2.5, "tread": 3.0}
+    named = {name: dataclasses.replace(config, preset=name) for name in probed}
+    monkeypatch.setattr("tread.compare.plan.probe_step_rate", lambda c, device: probed[c.preset])
+    plan = plan_intervals(named, minutes=5.0, eval_every=None)
+    assert (plan.expected_steps, plan.eval_every, plan.log_every) == (600, 120, 25)
+    assert plan.rates == probed
+
+
+def test_probe_step_rate_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config("digits_tread", [*TINY, *SHAPE, "train.batch_size=4"])
+    assert probe_step_rate(config, steps=2) > 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_depth_from_the_registry_when_the_preset_leaves_it_unset(tmp_path):
+    config = load_config("digits_tread", ["model.depth=null"])  # DiT-S/2: depth 12
+    assert resolved_depth(config) == 12
+    runs = two_runs(tmp_path, overrides=("model.depth=null", "model.routes.0.end=-4"))
+    assert summarize(runs, budget="x")["routes"] == "r(1→8, 0.5)"
+
+
+def test_compare_json_is_written_before_the_plots(tmp_path, monkeypatch):
+    summary = summarize(two_runs(tmp_path), budget="200 steps per arm")
+
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr("tread.compare.report.plot_fd", broken_plot)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        write_outputs(out, summary, "tiny")
+    saved = strict_json((out / "compare.json").read_text())
+    assert saved["training_step_speedup"]["measured_it_s_ratio"] == 2.0
+    assert (out / "report.md").is_file()
+
+
+def test_compare_end_to_end_short_budget(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    tiny = [*TINY, "train.batch_size=16", "sample.steps=4", "sample.grid_size=10"]
+    args = ["--steps", "12", "--eval-samples", "40", "--noise-seeds", "2", "--out", str(out)]
+    assert cli_main(["compare", "digits_tread", *tiny, *args]) == 0
+    printed = capsys.readouterr().out
+    assert "evaluation every 2 steps" in printed  # 12 // 5, no --eval-every
+    for name in ("report.md", "fd.png", "acc_vs_steps.png", "samples_side_by_side.png"):
+        assert (out / name).is_file(), name
+    summary = strict_json((out / "compare.json").read_text())
+    for arm in ("dense", "tread"):
+        assert summary[arm]["steps"] == 12
+        assert [s for s, _ in summary[arm]["fd_vs_steps"]] == [2, 4, 6, 8, 10, 12]
+        seeds = summary[arm]["final_fd_seeds"]
+        assert seeds["seeds"] == [0, 1000] and len(seeds["fd"]) == 2
+        # Seed 0 is the in-loop evaluation of the final step (same model, seeds and labels).
+        assert seeds["fd"][0] == summary[arm]["final_fd"]
+        assert all(math.isfinite(x) for x in seeds["fd"])
+    assert summary["eval"]["num_samples"] == 40
+    assert summary["conclusion"]["verdict"] == "inconclusive"
     report = (out / "report.md").read_text()
-    assert "x ideal from the cost model" in report
-    assert "| dense | 20 |" in report and "| tread | 20 |" in report
-    # The dense arm really is dense: its saved config has no routes.
+    assert "over 40 EMA samples" in report and "too short" in report
     assert "routes: []" in (out / "dense" / "config.yaml").read_text()
+
+    # The reused seed-0 number is what scoring the final checkpoint again gives.
+    import torch
+
+    from tread.train import load_for_inference
+    from tread.train.evaluation import evaluate_model, feature_net_for, reference_for
+
+    model, config, step = load_for_inference(out / "tread", "cpu")
+    net = feature_net_for(config)
+    reference = reference_for(config, net, None, out / "tread" / "eval", torch.device("cpu"))
+    again = evaluate_model(
+        model, config, num_samples=40, metrics=("fd",), net=net, reference_stats=reference, seed=0
+    )
+    assert step == 12
+    assert again["fd"] == pytest.approx(summary["tread"]["final_fd_seeds"]["fd"][0], rel=1e-5)
 
 
 def test_compare_refuses_a_config_without_routes(capsys):

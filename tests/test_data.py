@@ -312,6 +312,58 @@ def test_latents_errors(tmp_path):
         load_latents(tmp_path / "nan.npz", mmap=True)
 
 
+@pytest.mark.parametrize("kind", ["npz", "latents_npz", "latents_safetensors", "idx"])
+def test_absurd_label_is_refused_naming_file_and_value(tmp_path, kind):
+    # Label 1e9 used to become num_classes = 1e9 + 1 and a 512 GB class embedding.
+    labels = np.array([0, 1_000_000_000, 1])
+    if kind == "npz":
+        path = tmp_path / "big.npz"
+        np.savez(path, images=np.zeros((3, 4, 4, 1), np.uint8), labels=labels)
+        load = lambda: load_npz_images(path)  # noqa: E731
+    elif kind == "latents_npz":
+        path = tmp_path / "big.npz"
+        np.savez(path, latents=np.zeros((3, 4, 2, 2), np.float32), labels=labels)
+        load = lambda: load_latents(path)  # noqa: E731
+    elif kind == "latents_safetensors":
+        path = tmp_path / "big.safetensors"
+        save_file({"latents": torch.zeros(3, 4, 2, 2), "labels": torch.from_numpy(labels)}, path)
+        load = lambda: load_latents(path)  # noqa: E731
+    else:
+        path = tmp_path
+        write_idx(path / "train-images-idx3-ubyte", np.zeros((3, 4, 4), np.uint8))
+        write_idx(path / "train-labels-idx1-ubyte", labels.astype(np.int32))
+        load = lambda: load_idx_dir(path)  # noqa: E731
+    with pytest.raises(DataError) as err:
+        load()
+    message = one_line(err)
+    assert str(path) in message and "1000000000" in message
+
+
+def test_label_beyond_declared_classes_names_file(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, images=np.zeros((2, 4, 4, 1), np.uint8), labels=np.array([0, 7]))
+    with pytest.raises(DataError) as err:
+        load_npz_images(path, num_classes=5)
+    assert str(path) in one_line(err) and "label 7" in one_line(err)
+    np.savez(path, images=np.zeros((2, 4, 4, 1), np.uint8), labels=np.array([0, -2]))
+    with pytest.raises(DataError, match="negative label -2"):
+        load_npz_images(path)
+
+
+def test_missing_fashion_mnist_names_the_config_key(monkeypatch, tmp_path):
+    monkeypatch.setitem(IDX_SEARCH_DIRS, "fashion_mnist", (str(tmp_path / "none"),))
+    with pytest.raises(DataError) as err:
+        load_dataset("fashion_mnist")
+    message = one_line(err)
+    assert "set data.path=" in message and "pass path=" not in message
+    with pytest.raises(ConfigError, match="idx: data.path= is required"):
+        load_dataset("idx")
+    with pytest.raises(ConfigError, match="npz: data.path= is required"):
+        load_dataset("npz")
+    with pytest.raises(ConfigError, match="data.resolution=8 conflicts with data.pad_to=32"):
+        load_dataset("mnist", path=tmp_path, resolution=8, pad_to=32)
+
+
 # --- load_dataset dispatch ------------------------------------------------------------------
 
 

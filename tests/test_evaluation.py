@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from tread.cli import main as cli_main
 from tread.config import load_config
-from tread.eval import compute_metrics, load_classifier, reference_stats
+from tread.errors import ConfigError, DataError
+from tread.eval import (
+    FeatureStats,
+    compute_metrics,
+    load_classifier,
+    quantize_uint8,
+    reference_stats,
+    save_stats,
+)
 from tread.train import load_for_inference, train
 from tread.train.evaluation import default_eval_hook, generate_images
 
@@ -94,6 +105,78 @@ def test_eval_command_writes_reproducible_record(trained, tmp_path, capsys):
     assert again["metrics"]["fd"] == pytest.approx(record["metrics"]["fd"], rel=1e-9)
 
 
+def _strict_json(path):
+    """Parse as strict JSON: NaN / Infinity (which json.dumps writes by default) are errors."""
+
+    def refuse(name):
+        raise ValueError(f"{path} holds {name}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_eval_command_default_record_survives_rotation_and_says_what_was_compared(
+    trained, capsys, caplog
+):
+    args = ["eval", str(trained.run_dir), "--num-samples", "50", "--steps", "4", "--seed", "1"]
+    assert cli_main([*args, "--metrics", "fd,acc"]) == 0
+    out = Path(capsys.readouterr().out.strip().splitlines()[-1].split(" -> ")[-1])
+    # Under RUN_DIR/eval, not inside checkpoints/step_*/ that rotation deletes.
+    assert out.parent == trained.run_dir / "eval"
+    assert out.name == "step0000300_digits_classifier_n50_edm_heun4_g1_s1_ref-test.json"
+    record = _strict_json(out)
+    assert record["generated_features"] == record["reference_features"] == "digits_classifier"
+    assert record["reference"] == "test" and record["reference_samples"] == 359
+    assert record["reference_stats_source"] == (
+        "computed from digits:test (uint8) with digits_classifier"
+    )
+    assert "uint8" in record["preprocessing"]
+    # 50 samples < 128 feature dimensions: flagged in the JSON and in the log.
+    (warning,) = record["warnings"]
+    assert warning.startswith("fd: 50 generated samples < 128")
+    assert warning in caplog.text
+    assert cli_main([*args[:3], "200", *args[4:], "--metrics", "fd"]) == 0
+    big = Path(capsys.readouterr().out.strip().splitlines()[-1].split(" -> ")[-1])
+    assert _strict_json(big)["warnings"] == []
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--num-samples", "0", "expected an integer >= 1, got 0"),
+        ("--steps", "0", "expected an integer >= 1, got 0"),
+        ("--batch-size", "-2", "expected an integer >= 1, got -2"),
+    ],
+)
+def test_eval_command_refuses_non_positive_counts(trained, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["eval", str(trained.run_dir), flag, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_command_refuses_bad_metrics_reference_and_out(trained, tmp_path, capsys):
+    def error(*extra):
+        code = cli_main(["eval", str(trained.run_dir), "--num-samples", "20", *extra])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("tread eval: error: ")
+        return lines[0]
+
+    assert "unknown fid; choose from fd,sfid,kid,pr,is,acc" in error("--metrics", "fd,fid")
+    assert "unknown (empty)" in error("--metrics", ",")
+    notes = tmp_path / "notes.npz"
+    notes.write_text("not an archive")
+    assert f"{notes}: not an .npz archive" in error("--reference", str(notes))
+    other = tmp_path / "other.npz"
+    np.savez(other, images=np.zeros(2))
+    assert "neither a stats .npz (keys mu, sigma) nor an ADM batch" in error(
+        "--reference", str(other)
+    )
+    assert "is a directory" in error("--out", str(tmp_path))
+    foreign = tmp_path / "foreign.npz"
+    save_stats(FeatureStats(mu=np.zeros(4), sigma=np.eye(4), net="other_net"), foreign)
+    assert "stats of 'other_net' features cannot score" in error("--reference", str(foreign))
+
+
 def test_eval_command_refuses_missing_inception_weights(trained, capsys, monkeypatch):
     monkeypatch.delenv("TREAD_INCEPTION_WEIGHTS", raising=False)
     code = cli_main(["eval", str(trained.run_dir), "--feature-net", "inception"])
@@ -101,11 +184,21 @@ def test_eval_command_refuses_missing_inception_weights(trained, capsys, monkeyp
     assert "Inception weights" in capsys.readouterr().err
 
 
-def _generate_worker(rank, run_dir, port, out):
+def _small_eval(config, run_dir):
+    """The run's config with a fresh run_dir and 40 eval samples (fast)."""
+    return dataclasses.replace(
+        config,
+        train=dataclasses.replace(config.train, run_dir=str(run_dir), device="cpu"),
+        eval=dataclasses.replace(config.eval, num_samples=40),
+    )
+
+
+def _generate_worker(rank, run_dir, port, out, eval_run):
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    from tread.train import evaluation
     from tread.train.dist import DistInfo, init_process_group
 
     info = DistInfo(rank=rank, world_size=2)
@@ -114,12 +207,19 @@ def _generate_worker(rank, run_dir, port, out):
     images, labels = generate_images(
         model, config, 7, seed=5, device=torch.device("cpu"), batch_size=3, info=info
     )
-    if rank == 0:
-        torch.save({"images": images, "labels": labels}, out)
+    if rank == 1:  # rank 0 alone builds the feature net and reference statistics
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("feature net built on rank 1")
+
+        evaluation.feature_net_for = refuse
+    small = _small_eval(config, eval_run)
+    scores = evaluation.default_eval_hook(small, info)(300, model, small)
+    torch.save({"images": images, "labels": labels, "scores": scores}, f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
 
-def test_generation_split_across_ranks_equals_one_process(trained, tmp_path):
+def test_generation_and_eval_hook_split_across_ranks_equal_one_process(trained, tmp_path):
     import socket
 
     import torch.multiprocessing as mp
@@ -127,10 +227,68 @@ def test_generation_split_across_ranks_equals_one_process(trained, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path / "two.pt"
-    mp.spawn(_generate_worker, args=(trained.run_dir, port, out), nprocs=2, join=True)
+    out, eval_run = tmp_path / "two.pt", tmp_path / "two_ranks"
+    mp.spawn(_generate_worker, args=(trained.run_dir, port, out, eval_run), nprocs=2, join=True)
     model, config, _ = load_for_inference(trained.run_dir)
     images, labels = generate_images(model, config, 7, seed=5, device=torch.device("cpu"))
-    two = torch.load(out)
+    two = torch.load(f"{out}.0")
     assert torch.equal(two["labels"], labels)
     torch.testing.assert_close(two["images"], images, rtol=1e-5, atol=1e-5)
+    # The hook: metrics on rank 0 only, equal to one process's; one reference cache, no temps.
+    assert torch.load(f"{out}.1")["scores"] == {}
+    single = _small_eval(config, tmp_path / "one_rank")
+    alone = default_eval_hook(single)(300, model, single)
+    assert set(two["scores"]) == {"fd", "acc"} == set(alone)
+    assert two["scores"]["fd"] == pytest.approx(alone["fd"], rel=1e-6)
+    assert two["scores"]["acc"] == alone["acc"]
+    assert [p.name for p in (eval_run / "eval").iterdir()] == [
+        "ref_digits_test_digits_classifier_u8.npz"
+    ]
+
+
+def test_eval_hook_writes_nothing_until_called_and_scores_quantised_samples(trained, tmp_path):
+    model, config, _ = load_for_inference(trained.run_dir)
+    small = _small_eval(config, tmp_path / "run")
+    hook = default_eval_hook(small)
+    assert not (tmp_path / "run").exists()  # created: nothing loaded or written yet
+    scores = hook(300, model, small)
+    assert (tmp_path / "run" / "eval" / "ref_digits_test_digits_classifier_u8.npz").is_file()
+    # The hook scores the uint8 images a user would save (both sides quantised).
+    images, labels = generate_images(model, small, 40, seed=small.sample.seed, device="cpu")
+    net = load_classifier("digits")
+    ref = reference_stats("digits", "test", net)
+    grid = compute_metrics(quantize_uint8(images), net, ref, labels, ("fd", "acc"), quantize=False)
+    raw = compute_metrics(images, net, ref, labels, ("fd",), quantize=False)
+    assert scores["fd"] == pytest.approx(grid["fd"], rel=1e-9) and scores["acc"] == grid["acc"]
+    assert scores["fd"] != pytest.approx(raw["fd"], rel=1e-9)
+
+
+def test_eval_hook_runs_on_this_ranks_gpu(trained, monkeypatch):
+    from tread.train.dist import DistInfo
+    from tread.train.evaluation import eval_device
+
+    _, config, _ = load_for_inference(trained.run_dir)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    auto = dataclasses.replace(config, train=dataclasses.replace(config.train, device="auto"))
+    # Not an unindexed "cuda" (GPU 0 for every rank): each rank its own LOCAL_RANK.
+    assert eval_device(auto, DistInfo(rank=3, world_size=4, local_rank=1)) == torch.device(
+        "cuda", 1
+    )
+    assert eval_device(auto) == torch.device("cuda", 0)
+    cpu = dataclasses.replace(config, train=dataclasses.replace(config.train, device="cpu"))
+    assert eval_device(cpu, DistInfo(rank=1, world_size=2, local_rank=1)).type == "cpu"
+
+
+def test_eval_hook_refuses_bad_settings_at_creation(trained, tmp_path):
+    _, config, _ = load_for_inference(trained.run_dir)
+    small = _small_eval(config, tmp_path / "run")
+    with pytest.raises(ConfigError, match="imgnet"):  # caught by the config or by the hook
+        default_eval_hook(
+            dataclasses.replace(small, eval=dataclasses.replace(small.eval, feature_net="imgnet"))
+        )
+    inception = dataclasses.replace(
+        small, eval=dataclasses.replace(small.eval, feature_net="inception")
+    )
+    with pytest.raises(DataError, match="Inception weights not given"):
+        default_eval_hook(inception)
+    assert not (tmp_path / "run").exists()

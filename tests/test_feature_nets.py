@@ -227,3 +227,67 @@ def test_adm_reference_batch(tmp_path) -> None:
     save_stats(FeatureStats(mu=own.mu, sigma=own.sigma), tmp_path / "s.npz")
     with pytest.raises(DataError):
         adm_reference_stats(tmp_path / "absent.npz")
+
+
+class _MeanNet(torch.nn.Module):
+    """Channel means as 3-d features: a cheap stand-in feature net."""
+
+    name, input_size = "mean_net", (3, 8, 8)
+
+    def forward(self, imgs):
+        return {"pool": imgs.mean(dim=(2, 3)), "logits": None, "spatial": None}
+
+
+def _adm_batch(tmp_path, dim: int = 3):
+    images = np.random.default_rng(1).integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    path = tmp_path / "VIRTUAL_small.npz"
+    # Deliberately wrong precomputed moments: they must not be used unless asked for.
+    np.savez(path, arr_0=images, mu=np.full(dim, 50.0), sigma=np.eye(dim) * 9.0)
+    return path, images
+
+
+def test_adm_reference_moments_are_recomputed_with_the_same_net(tmp_path) -> None:
+    path, images = _adm_batch(tmp_path)
+    stats = adm_reference_stats(path, _MeanNet())
+    expected = uint8_nhwc_to_float(images).mean(dim=(2, 3)).double().numpy()  # on the grid
+    np.testing.assert_allclose(stats.mu, expected.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(stats.sigma, np.cov(expected, rowvar=False), rtol=1e-5)
+    assert stats.net == "mean_net" and stats.moments_net == ""
+    assert stats.moments_source == f"recomputed from arr_0 of {path} with mean_net"
+    # The file's TF-Inception moments cannot stand in for another net's.
+    with pytest.raises(ConfigError, match="TF Inception"):
+        adm_reference_stats(path, _MeanNet(), use_file_moments=True)
+
+
+def test_adm_file_moments_are_labelled_as_tf_inception(tmp_path, random_inception) -> None:
+    from tread.eval.adm import ADM_MOMENTS
+
+    images = np.random.default_rng(2).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    path = tmp_path / "VIRTUAL_tf.npz"
+    np.savez(path, arr_0=images, mu=np.ones(2048), sigma=np.eye(2048))
+    used = adm_reference_stats(path, random_inception, use_file_moments=True)
+    np.testing.assert_array_equal(used.mu, np.ones(2048))
+    assert used.features.shape == (3, 2048)  # KID/PR features still come from our net
+    assert used.moments_net == ADM_MOMENTS and "precomputed" in used.moments_source
+    only = adm_reference_stats(path)  # no net: the file's moments, labelled as such
+    assert only.moments_net == ADM_MOMENTS and only.net == InceptionV3FID.name
+
+
+def test_reference_file_kind_tells_stats_from_adm_and_refuses_the_rest(tmp_path) -> None:
+    from tread.eval import reference_file_kind
+
+    path, _ = _adm_batch(tmp_path)
+    assert reference_file_kind(path) == "adm"
+    stats = save_stats(FeatureStats(mu=np.zeros(2), sigma=np.eye(2)), tmp_path / "s.npz")
+    assert reference_file_kind(stats) == "stats"
+    other = tmp_path / "other.npz"
+    np.savez(other, images=np.zeros(3))
+    with pytest.raises(DataError, match="neither a stats .npz .* nor an ADM batch.*images"):
+        reference_file_kind(other)
+    npy = tmp_path / "array.npy"
+    np.save(npy, np.zeros(3))
+    text = tmp_path / "notes.npz"
+    text.write_text("hello")
+    for bad in (npy, text):
+        with pytest.raises(DataError, match="not an .npz archive"):
+            reference_file_kind(bad)

@@ -14,12 +14,17 @@ from tread.eval import (
     FeatureOutput,
     FeatureStats,
     compute_metrics,
+    extract_features,
     feature_stats,
+    finite_metrics,
     frechet_distance,
     inception_score,
     kid,
     load_stats,
+    min_samples_for_fd,
     precision_recall,
+    quantize_uint8,
+    sample_size_warnings,
     save_stats,
 )
 from tread.eval.stats import MomentAccumulator
@@ -289,3 +294,102 @@ def test_compute_metrics_errors() -> None:
         compute_metrics(fake, net, no_feats, metrics=("kid",))
     with pytest.raises(DataError):  # [0, 255] images
         compute_metrics(fake * 255, net, no_feats, metrics=("fd",))
+
+
+# ---------------------------------------------------------------- uint8 quantisation
+
+
+def test_features_are_those_of_the_uint8_quantised_images() -> None:
+    # What ADM / pytorch-fid score is the saved uint8 image, so the float sample must not
+    # reach the net: features of a batch equal those of its quantised version.
+    net = ToyNet().eval()
+    images, _ = _toy_data(40, seed=11)  # uniform floats: almost none on the uint8 grid
+    default = extract_features(net, images)
+    grid = extract_features(net, quantize_uint8(images), quantize=False)
+    raw = extract_features(net, images, quantize=False)
+    np.testing.assert_array_equal(default.pool, grid.pool)
+    np.testing.assert_array_equal(default.mu, grid.mu)
+    assert np.abs(default.pool - raw.pool).max() > 1e-4  # sub-level detail changed features
+    # The same holds through compute_metrics, for the generated and the reference side.
+    real, _ = _toy_data(60, seed=12)
+    fd = compute_metrics(images, net, real, metrics=("fd",))["fd"]
+    fd_grid = compute_metrics(
+        quantize_uint8(images), net, quantize_uint8(real), metrics=("fd",), quantize=False
+    )["fd"]
+    fd_raw = compute_metrics(images, net, real, metrics=("fd",), quantize=False)["fd"]
+    assert fd == fd_grid and fd != fd_raw
+
+
+def test_quantize_uint8_levels_and_exactness_on_uint8_images() -> None:
+    from tread.eval.adm import uint8_nhwc_to_float
+
+    levels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
+    x = uint8_nhwc_to_float(levels)
+    # Already on the grid: unchanged bit for bit (ADM batches and uint8 datasets), idempotent.
+    assert torch.equal(quantize_uint8(x), x)
+    back = torch.round((quantize_uint8(x) + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1)
+    assert np.array_equal(back.numpy(), levels)
+    # Round to nearest level, clamp overshoot, as DiT's sample_ddp.py writes PNGs.
+    y = torch.tensor([-1.3, -1.0, -0.999, 0.0, 0.5 / 127.5 - 1 + 1e-4, 1.0, 1.2])
+    want = torch.tensor([0, 0, 0, 128, 1, 255, 255]) / 127.5 - 1
+    torch.testing.assert_close(quantize_uint8(y), want, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- cache files
+
+
+def _hammer_stats(path: str, value: float, rounds: int) -> None:
+    for _ in range(rounds):
+        save_stats(FeatureStats(mu=np.full(64, value), sigma=np.eye(64) * value), path)
+
+
+def test_stats_cache_temp_names_are_per_process_and_the_file_stays_complete(tmp_path) -> None:
+    import multiprocessing
+    import os
+
+    from tread.eval.stats import temporary_name
+
+    target = tmp_path / "ref.npz"
+    names = {temporary_name(target) for _ in range(2)}
+    assert len(names) == 2  # two writers in one process differ too (random suffix)
+    assert all(str(os.getpid()) in n.name and n.parent == tmp_path for n in names)
+    # Two processes write the same cache at once (as every rank did): with one shared temp
+    # name one truncates or renames away the other's file; here every write is complete.
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_hammer_stats, args=(str(target), v, 30)) for v in (1.0, 2.0)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    loaded = load_stats(target)
+    value = loaded.mu[0]
+    assert value in (1.0, 2.0)
+    np.testing.assert_array_equal(loaded.sigma, np.eye(64) * value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.npz"]  # no temp files left
+
+
+# ---------------------------------------------------------------- honest reports
+
+
+def test_sample_size_warnings_follow_the_feature_dimension() -> None:
+    assert min_samples_for_fd(2048) == 2048 and min_samples_for_fd(128) == 128
+    ref = FeatureStats(
+        mu=np.zeros(128), sigma=np.eye(128), num_samples=10_000, mu_s=np.zeros(300), sigma_s=None
+    )
+    assert sample_size_warnings(128, ref, ("fd", "kid")) == []
+    (message,) = sample_size_warnings(127, ref, ("fd",))
+    assert message.startswith("fd: 127 generated samples < 128")
+    assert sample_size_warnings(127, ref, ("kid", "pr")) == []  # only FD-type metrics
+    assert [m[:4] for m in sample_size_warnings(200, ref, ("fd", "sfid"))] == ["sfid"]
+    small_ref = FeatureStats(mu=np.zeros(128), sigma=np.eye(128), num_samples=100)
+    assert "reference has 100 samples" in sample_size_warnings(5000, small_ref, ("fd",))[0]
+
+
+def test_finite_metrics_writes_null_not_nan() -> None:
+    import json
+
+    clean, warnings = finite_metrics({"fd": 3.0, "kid_mean": float("nan"), "is": float("inf")})
+    assert clean == {"fd": 3.0, "kid_mean": None, "is": None}
+    assert len(warnings) == 2 and "kid_mean is nan" in warnings[0]
+    assert json.loads(json.dumps(clean, allow_nan=False)) == clean

@@ -34,6 +34,30 @@ def test_forward_shapes_and_learn_sigma(tiny_inputs):
     assert tiny_dit(learn_sigma=True)(x, t, y).shape == (3, 2, 8, 8)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_learn_sigma_puts_the_prediction_in_the_first_channels(channels):
+    """DiT's layout (and its published checkpoints'): out[:, :C] is the prediction.
+
+    A learn_sigma model whose final linear keeps only the rows of the first C channels is the
+    plain model, so the objectives can use out[:, :C] and ignore the variance channels.
+    """
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, channels, 8, 8, generator=g)
+    t, y = torch.rand(2, generator=g), torch.tensor([1, 10])
+    wide = tiny_dit(learn_sigma=True, in_channels=channels).eval()
+    plain = tiny_dit(in_channels=channels).eval()
+    state = wide.state_dict()
+    p = wide.config.patch_size
+    # The final linear's outputs are laid out (p, p, 2C): keep the rows with channel index < C.
+    rows = torch.arange(p * p * 2 * channels).view(p * p, 2 * channels)[:, :channels].flatten()
+    for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
+        state[name] = state[name][rows]  # (p*p*2C, ...) -> (p*p*C, ...)
+    plain.load_state_dict(state)
+    out = wide(x, t, y)
+    assert torch.equal(out[:, :channels], plain(x, t, y))
+    assert not torch.allclose(out[:, channels:], out[:, :channels])  # variance is its own map
+
+
 def test_routes_empty_and_ratio_zero_match_routeless_model_bitwise(tiny_inputs):
     x, t, y = tiny_inputs
     plain = tiny_dit()
@@ -81,6 +105,50 @@ def test_gradients_reach_embeddings_through_kept_and_skipped_tokens():
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
+def _record_block_precision(model):
+    """Per block call: (autocast on?, input dtype, cond dtype), recorded by pre-hooks."""
+    seen = {index: [] for index in range(len(model.blocks))}
+
+    def hook(index):
+        def record(module, args):
+            seen[index].append((torch.is_autocast_enabled("cpu"), args[0].dtype, args[1].dtype))
+
+        return record
+
+    handles = [block.register_forward_pre_hook(hook(i)) for i, block in enumerate(model.blocks)]
+    return seen, handles
+
+
+def test_fp32_after_reinsert_runs_the_block_after_each_route_end_in_float32(tiny_inputs):
+    # The residual stream is float32 here anyway (fp32 positions are added to the bf16 patch
+    # embedding), so what tells the fp32 blocks apart is that autocast is off inside them.
+    x, t, y = tiny_inputs
+    routes = [Route(0, 0, 0.5), Route(2, 2, 0.5)]  # route ends 0 and 2 -> fp32 blocks 1 and 3
+    outputs = {}
+    for flag in (False, True):
+        model = tiny_dit(fp32_after_reinsert=flag).train()
+        seen, handles = _record_block_precision(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[flag] = model(x, t, y, routes=routes, generator=torch.Generator())
+        for handle in handles:
+            handle.remove()
+        for index, calls in seen.items():
+            ((autocast_on, x_dtype, cond_dtype),) = calls
+            if flag and index in (1, 3):
+                assert not autocast_on and x_dtype == cond_dtype == torch.float32, index
+            else:
+                assert autocast_on, (flag, index)
+    assert not torch.equal(outputs[True], outputs[False])
+
+
+def test_fp32_after_reinsert_is_a_no_op_without_autocast(tiny_inputs):
+    x, t, y = tiny_inputs
+    routes = [Route(0, 1, 0.5)]
+    a = tiny_dit(fp32_after_reinsert=True)(x, t, y, routes=routes, generator=torch.Generator())
+    b = tiny_dit()(x, t, y, routes=routes, generator=torch.Generator())
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("fp32_after_reinsert", [False, True])
 def test_dtype_preserved_under_bf16_autocast(tiny_inputs, fp32_after_reinsert):
     x, t, y = tiny_inputs
@@ -92,12 +160,50 @@ def test_dtype_preserved_under_bf16_autocast(tiny_inputs, fp32_after_reinsert):
     assert torch.isfinite(routed).all()
 
 
+def _kept_positions(model, x, t, y, route):
+    """Which positions of the route-start sequence the first routed block sees, in its order."""
+    seen = {}
+    before = model.blocks[route.start - 1].register_forward_hook(
+        lambda module, args, out: seen.__setitem__("full", out)
+    )
+    first = model.blocks[route.start].register_forward_pre_hook(
+        lambda module, args: seen.__setitem__("kept", args[0])
+    )
+    out = model(x, t, y, routes=[route], generator=torch.Generator().manual_seed(4))
+    before.remove()
+    first.remove()
+    full, kept = seen["full"], seen["kept"]  # (B, N, D), (B, K, D)
+    match = (kept.unsqueeze(2) == full.unsqueeze(1)).all(dim=-1)  # (B, K, N)
+    assert torch.all(match.sum(dim=2) == 1)  # every kept token is exactly one input token
+    return match.float().argmax(dim=2), out  # (B, K) positions
+
+
 def test_keep_order_model_option_is_used(tiny_inputs):
     x, t, y = tiny_inputs
-    a = tiny_dit(keep_order=True)(x, t, y, routes=[Route(1, 2, 0.5)], generator=torch.Generator())
-    b = tiny_dit(keep_order=False)(x, t, y, routes=[Route(1, 2, 0.5)], generator=torch.Generator())
-    # Same subset, different order: attention is permutation-equivariant, so outputs agree.
+    route = Route(1, 2, 0.5)
+    ordered, a = _kept_positions(tiny_dit(keep_order=True), x, t, y, route)
+    shuffled, b = _kept_positions(tiny_dit(keep_order=False), x, t, y, route)
+    assert ordered.shape == (3, 8)
+    # keep_order=True: the span sees its tokens in raster order; the default does not.
+    assert torch.equal(ordered, ordered.sort(dim=1).values)
+    assert not torch.equal(shuffled, shuffled.sort(dim=1).values)
+    # Same seed, same subset; attention is permutation-equivariant, so outputs agree.
+    assert torch.equal(ordered, shuffled.sort(dim=1).values)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_backbone_aux_of_the_wrong_length_is_named(tiny_inputs):
+    x, t, y = tiny_inputs
+    model = tiny_dit()
+    embed = model.embed
+
+    def embed_with_rope(x, t, y):
+        tokens, cond, _ = embed(x, t, y)
+        return tokens, cond, {"rope": tokens.new_zeros(3, model.num_tokens - 1, 4)}
+
+    model.embed = embed_with_rope
+    with pytest.raises(ValueError, match=r"aux\['rope'\] has 15 tokens, expected 16"):
+        model(x, t, y, routes=[Route(1, 2, 0.5)], generator=torch.Generator())
 
 
 @pytest.mark.parametrize(
@@ -139,6 +245,32 @@ def test_ideal_speedup_paper_defaults():
     speedup = tread.ideal_speedup(config, [Route(2, 8, 0.5)])
     assert 1.35 < speedup < 1.5
     assert tread.ideal_speedup(config, []) == 1.0
+
+
+def test_ideal_speedup_accepts_what_a_user_has():
+    config = tread.MODEL_CONFIGS["DiT-B/2"]
+    expected = tread.ideal_speedup(config, [Route(2, 8, 0.5)])
+    assert tread.ideal_speedup("DiT-B/2", [(2, 8, 0.5)]) == expected  # name, plain tuples
+    with torch.device("meta"):
+        model = tread.build_model("DiT-B/2")
+    assert tread.ideal_speedup(model, [Route(2, -4, 0.5)]) == expected
+    assert tread.forward_flops(model, [(2, 8, 0.5)]) == tread.forward_flops(config, [Route(2, 8)])
+
+
+@pytest.mark.parametrize(
+    "model, routes, message",
+    [
+        (torch.nn.ModuleList([torch.nn.Linear(4, 4)]), [Route(0, 0)], "torch.utils.flop_counter"),
+        ("DiT-M/2", [Route(0, 0)], "unknown model 'DiT-M/2'"),
+        ("DiT-S/2", [(0, 1)], r"\(start, end, ratio\) tuples"),
+        ("DiT-S/2", Route(0, 1), "single Route"),
+        ("DiT-S/2", [(0, 12, 0.5)], "out of range"),
+    ],
+)
+def test_ideal_speedup_says_what_it_needs(model, routes, message):
+    with pytest.raises(ValueError, match=message) as info:
+        tread.ideal_speedup(model, routes)
+    assert "\n" not in str(info.value)
 
 
 def test_initial_weights_are_a_function_of_the_generator_seed():

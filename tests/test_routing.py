@@ -80,7 +80,7 @@ def test_skipped_tokens_leave_span_unchanged_and_kept_are_processed():
 
 def test_skipped_tokens_are_bitwise_the_span_input():
     x = torch.randn(3, 16, 8)
-    mixers = nn.ModuleList(Mixer(8) for _ in range(4))
+    mixers = nn.ModuleList(Mixer(8) for _ in range(3))
     plan_generator = torch.Generator().manual_seed(7)
     saved = {}
 
@@ -89,9 +89,9 @@ def test_skipped_tokens_are_bitwise_the_span_input():
             saved["x"] = x
             return x
 
-    blocks = [mixers[0], Spy(), mixers[1], mixers[2], mixers[3]]
+    blocks = [mixers[0], Spy(), mixers[1], mixers[2]]
     # Route over blocks 2..3: the skipped rows must equal the output of block 1 exactly.
-    out = route_blocks(blocks[:4], x, None, [Route(2, 3, 0.5)], generator=plan_generator)
+    out = route_blocks(blocks, x, None, [Route(2, 3, 0.5)], generator=plan_generator)
     keep = sample_plan(3, 16, 8, generator=torch.Generator().manual_seed(7)).keep
     skipped = torch.ones(3, 16, dtype=torch.bool)
     skipped[torch.arange(3).unsqueeze(1), keep] = False
@@ -103,12 +103,13 @@ def test_aux_tensors_are_gathered_with_the_same_indices():
     B, N = 2, 12
     x = torch.arange(N, dtype=torch.float32).repeat(B, 1).unsqueeze(-1)  # token value = position
     pos = torch.arange(N).repeat(B, 1)  # (B, N)
-    blocks = [AddIndex(0), AddIndex(1), AddIndex(2)]
+    seen = []
 
     class CheckAligned(nn.Module):
         def forward(self, x, cond, pos):
             # The routed tokens still carry their position as value (+1 from block 0).
             assert torch.equal(x[..., 0] - 1, pos.float())
+            seen.append(tuple(pos.shape))
             return x
 
     blocks = [AddIndex(0), CheckAligned(), CheckAligned()]
@@ -116,6 +117,38 @@ def test_aux_tensors_are_gathered_with_the_same_indices():
         blocks, x, None, [Route(1, 2, 0.5)], aux={"pos": pos}, generator=torch.Generator()
     )
     assert torch.equal(out, x + 1)
+    # The check ran on the routed K = 6 tokens (without routing it would pass trivially).
+    assert seen == [(B, 6), (B, 6)]
+    # After the span, blocks get the full aux again.
+    last = AddIndex(3)
+    route_blocks(
+        [*blocks, last], x, None, [Route(1, 2, 0.5)], aux={"pos": pos}, generator=torch.Generator()
+    )
+    assert last.seen == [(B, N, 1)] and torch.equal(last.seen_aux[0], pos)
+
+
+@pytest.mark.parametrize("routes", [[], [Route(1, 2, 0.5)]], ids=["dense", "routed"])
+@pytest.mark.parametrize(
+    "aux, message",
+    [
+        ({"rope": torch.zeros(3, 63, 4)}, r"aux\['rope'\] has 63 tokens, expected 64"),
+        ({"rope": torch.zeros(1, 64, 4)}, r"aux\['rope'\] has batch size 1, expected 3"),
+        ({"mask": torch.zeros(64)}, r"aux\['mask'\] has shape \(64,\), expected \(B, N, ...\)"),
+        ({"pos": [1, 2, 3]}, r"aux\['pos'\] must be a tensor"),
+    ],
+    ids=["tokens", "batch", "rank", "type"],
+)
+def test_misaligned_aux_is_named_up_front(aux, message, routes):
+    blocks = [AddIndex(i) for i in range(4)]
+    with pytest.raises(ValueError, match=message) as info:
+        route_blocks(blocks, torch.zeros(3, 64, 8), None, routes, aux=aux)
+    assert "\n" not in str(info.value)
+    assert all(block.seen == [] for block in blocks)  # refused before any block ran
+
+
+def test_tokens_must_have_batch_and_token_axes():
+    with pytest.raises(ValueError, match=r"tokens x of shape \(B, N, D\), got \(8,\)"):
+        route_blocks([Identity()], torch.zeros(8), None, [])
 
 
 def test_keep_order_sorts_indices_and_default_does_not():

@@ -36,6 +36,8 @@ from tread.sampling import (
 )
 from tread.transport import EDM, FlowMatching
 
+from conftest import tiny_dit
+
 MU = torch.tensor([1.0, -2.0], dtype=torch.float64)
 S = torch.tensor([0.5, 1.5], dtype=torch.float64)
 N = 16_384  # samples; ~0.1 s per sampler at these step counts
@@ -371,6 +373,37 @@ def test_every_registered_sampler_runs(sampler: str) -> None:
     out = sample(objective, net, noise, _y(2), sampler=sampler, steps=3, rng=PerSampleRNG([0, 1]))
     assert out.shape == noise.shape and torch.isfinite(out).all()
     assert solver_options(sampler)  # every sampler has at least one option
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_runs_a_learn_sigma_model_on_its_first_channels(sampler: str) -> None:
+    # DiT's learn_sigma: 2C output channels, the prediction first. Sampling integrates only the
+    # prediction, so it equals sampling the network cut to its first C channels.
+    channels = 4
+    model = tiny_dit(learn_sigma=True, in_channels=channels).eval()
+    objective = EDM() if SAMPLERS[sampler].objective == "edm" else FlowMatching()
+    seeds = [0, 1, 2]
+    noise = PerSampleRNG(seeds).randn((channels, 8, 8))
+    y = torch.tensor([1, 5, 10])
+
+    def run(net) -> Tensor:
+        return sample(objective, net, noise, y, sampler=sampler, steps=3, rng=PerSampleRNG(seeds))
+
+    out = run(model)
+    assert out.shape == noise.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out, run(lambda x, t, y_: model(x, t, y_)[:, :channels]))
+    guided = sample(
+        objective,
+        model,
+        noise,
+        y,
+        sampler=sampler,
+        steps=3,
+        rng=PerSampleRNG(seeds),
+        guidance=2.0,
+        null_label=10,
+    )
+    assert guided.shape == noise.shape and not torch.allclose(guided, out)
 
 
 @pytest.mark.parametrize("diffusion", get_args(DiffusionForm))

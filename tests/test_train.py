@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 
@@ -11,12 +12,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tread.cli import main as cli_main
 from tread.config import load_config
 from tread.errors import CheckpointError, ConfigError, DataError
 from tread.train import DistInfo, NonFiniteLossError, train
 from tread.train import checkpoint as ckpt
+from tread.train.builders import build_from_config
 
 TINY = [
     "model.depth=3",
@@ -114,9 +117,9 @@ def test_incomplete_checkpoint_is_ignored_and_corrupt_one_refused(tmp_path):
 
 def test_nonfinite_loss_stops_without_writing(tmp_path, monkeypatch):
     train(tiny_config(tmp_path, "train.steps=2", "train.ckpt_every=2"), progress=False)
-    from tread.train import loop
+    from tread.train import setup
 
-    real = loop.objective_from_config
+    real = setup.objective_from_config
 
     class Exploding:
         def __init__(self, inner):
@@ -128,8 +131,8 @@ def test_nonfinite_loss_stops_without_writing(tmp_path, monkeypatch):
         def loss_at(self, *args):
             return self.inner.loss_at(*args) * float("nan")
 
-    monkeypatch.setattr(loop, "objective_from_config", lambda c: Exploding(real(c)))
-    with pytest.raises(NonFiniteLossError, match="step 2.*step_0000002"):
+    monkeypatch.setattr(setup, "objective_from_config", lambda c: Exploding(real(c)))
+    with pytest.raises(NonFiniteLossError, match=r"steps 3\.\.3.*step_0000002"):
         train(tiny_config(tmp_path, "train.steps=4", "train.ckpt_every=1"), progress=False)
     names = [p.name for p in ckpt.list_checkpoints(tmp_path / "run")]
     assert names == ["step_0000002"]
@@ -155,18 +158,47 @@ def _ddp_worker(rank, config, port):
     torch.distributed.destroy_process_group()
 
 
+def _ddp_timed_worker(rank, config, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = train(config, dist=DistInfo(rank=rank, world_size=2), progress=False)
+    out.put((rank, result.step, result.stopped))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_on_a_time_budget(tmp_path):
+    """Each rank reads its own clock; the host-side all_true makes them stop at one step."""
+    config = tiny_config(tmp_path, "train.steps=100000", "train.max_minutes=0.02")
+    out = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_ddp_timed_worker, args=(config, _free_port(), out), nprocs=2, join=True)
+    results = sorted(out.get() for _ in range(2))
+    assert results[0][1:] == results[1][1:] and results[0][2] == "time"
+    assert ckpt.resolve_checkpoint(tmp_path / "run").name == f"step_{results[0][1]:07d}"
+
+
 def test_two_process_gloo_matches_one_process(tmp_path):
     extra = ("train.steps=3", "train.ckpt_every=3", "data.hflip=true")
     single = train(tiny_config(tmp_path / "one", *extra), progress=False)
     config = tiny_config(tmp_path / "two", *extra)
     mp.spawn(_ddp_worker, args=(config, _free_port()), nprocs=2, join=True)
     double = ckpt.resolve_checkpoint(tmp_path / "two" / "run")
+    assert double.name == "step_0000003"
     for a, b in zip(weights(single.checkpoint), weights(double), strict=True):
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
-    # And the update was not trivially zero.
-    start = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=1))
-    assert start.train.steps == 1
+    # And the update was not trivially zero: both models moved away from the initial weights
+    # (a run whose ranks never stepped, or stepped with zero gradients, would match too).
+    # Adam's first updates move a weight by about the learning rate, so the largest move is
+    # about the sum of the (warm-up) rates of the 3 steps.
+    optim = single.config.optim
+    lr_sum = sum(optim.lr * min(1.0, (s + 1) / optim.warmup_steps) for s in range(3))
+    initial = build_from_config(single.config).state_dict()
+    for trained in weights(double):  # model, then EMA
+        moved = [k for k in initial if not torch.equal(initial[k], trained[k])]
+        assert len(moved) > 0.9 * len(initial), sorted(set(initial) - set(moved))
+        largest = max((initial[k] - trained[k]).abs().max().item() for k in moved)
+        assert 0.5 * lr_sum < largest < 1.5 * lr_sum, (largest, lr_sum)
 
 
 def test_cli_train_then_sample(tmp_path, capsys):
@@ -187,7 +219,7 @@ def test_cli_train_then_sample(tmp_path, capsys):
 
 
 def test_progress_total_follows_the_binding_limit():
-    from tread.train.loop import _projected_steps
+    from tread.train.state import projected_steps as _projected_steps
 
     tc = load_config("digits_tread").train
     # No time budget: the step count is the total.
@@ -210,3 +242,187 @@ def test_time_budget_stops_and_logs_the_final_step(tmp_path):
     assert result.stopped == "time" and result.step == 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["step"] for r in rows if "loss" in r] == [1]
+
+
+# --- Synchronisation, non-finite steps, ordering of side work (issue 9, items 6/7/17/18/22) ---
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Counts tensor -> Python scalar reads (item/float/bool: a device->host sync on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and not self.paused:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _paused(probe, fn):
+    def run(*args, **kwargs):
+        probe.paused = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            probe.paused = False
+
+    return run
+
+
+def test_ordinary_steps_do_not_read_tensors_to_the_host(tmp_path, monkeypatch):
+    from tread.train import loop
+    from tread.train.state import LossWindow
+
+    probe = _ScalarReads()
+    # AdamW reads its CPU step counters (host memory even on a GPU), and data loading checks
+    # labels once: neither is a per-step device sync.
+    monkeypatch.setattr(torch.optim.AdamW, "step", _paused(probe, torch.optim.AdamW.step))
+    monkeypatch.setattr(loop, "prepare_run", _paused(probe, loop.prepare_run))
+    reads = []
+    real_read = LossWindow.read
+    monkeypatch.setattr(
+        LossWindow, "read", lambda self, info: reads.append(1) or real_read(self, info)
+    )
+    config = tiny_config(
+        tmp_path, "train.steps=10", "train.log_every=5", "train.ckpt_every=0", "optim.grad_clip=1"
+    )
+    with probe:
+        result = train(config, progress=False)
+    assert probe.count == 0  # before: bool(isfinite(loss)), float(grad norm), float(loss) a step
+    assert len(reads) == 2  # the sync steps: 5 (log) and 10 (log, last)
+    rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+
+
+def _nan_at(monkeypatch, bad_calls):
+    """Make the objective's loss NaN at the given 0-based calls (= steps of a fresh run)."""
+    from tread.train import setup
+
+    real = setup.objective_from_config
+    calls = []
+
+    class Exploding:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def loss_at(self, *args):
+            calls.append(1)
+            loss = self.inner.loss_at(*args)
+            return loss * float("nan") if len(calls) - 1 in bad_calls else loss
+
+    monkeypatch.setattr(setup, "objective_from_config", lambda c: Exploding(real(c)))
+
+
+@pytest.mark.parametrize(
+    "log_every, ckpt_every, bad_call, steps_named, kept",
+    [
+        (4, 4, 5, "5..8", ["step_0000004"]),  # found at the next log, the step-8 save skipped
+        (4, 1, 2, "3..3", ["step_0000001", "step_0000002"]),  # checked before every save
+    ],
+)
+def test_nonfinite_step_stops_at_the_next_sync_without_saving(
+    tmp_path, monkeypatch, log_every, ckpt_every, bad_call, steps_named, kept
+):
+    _nan_at(monkeypatch, {bad_call})
+    config = tiny_config(
+        tmp_path, "train.steps=12", f"train.log_every={log_every}", f"train.ckpt_every={ckpt_every}"
+    )
+    with pytest.raises(NonFiniteLossError, match=rf"steps {steps_named}\b.*{kept[-1]}"):
+        train(config, progress=False)
+    checkpoints = ckpt.list_checkpoints(tmp_path / "run")
+    assert [p.name for p in checkpoints] == kept
+    for tensors in weights(checkpoints[-1]):
+        assert all(torch.isfinite(t).all() for t in tensors.values())
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["step"] < int(steps_named.split("..")[0]) for r in rows)
+    # The last good checkpoint resumes (the lock was released by the failed run).
+    monkeypatch.undo()
+    assert train(config, progress=False).step == 12
+
+
+def test_pick_device_makes_the_local_rank_current(monkeypatch):
+    from tread.train.setup import pick_device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    info = DistInfo(rank=5, world_size=8, local_rank=2)
+    assert pick_device("auto", info) == torch.device("cuda", 2)
+    assert pick_device("cuda", info) == torch.device("cuda", 2)
+    assert current == [2, 2]
+    assert pick_device("cpu", info) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="local rank 4 but only 4 CUDA devices"):
+        pick_device("cuda", DistInfo(rank=4, world_size=8, local_rank=4))
+
+
+def test_checkpoint_is_saved_before_the_evaluation_of_its_step(tmp_path):
+    calls = []
+
+    def hook(step, model, config):
+        calls.append((step, type(model).__name__, config.model.input_size))
+        if step == 4:
+            raise RuntimeError("evaluation failed")
+        return {"fd": 1.5}
+
+    config = tiny_config(tmp_path, "train.steps=6", "train.ckpt_every=2", "eval.every=2")
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train(config, eval_hook=hook, progress=False)
+    assert [c[0] for c in calls] == [2, 4] and calls[0][2] == 8  # the resolved config
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "run")]
+    assert names == ["step_0000002", "step_0000004"]  # step 4 was saved before its evaluation
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/fd" in r] == [2]
+
+
+def test_resume_refuses_changed_settings_unless_accepted(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(tmp_path, "train.steps=2", "optim.lr=1e-3"), progress=False)
+    saved_yaml = (run / "config.yaml").read_text()
+    changed = tiny_config(tmp_path, "train.steps=4", "optim.lr=2e-3", "ema.decay=0.9")
+    with pytest.raises(ConfigError) as err:
+        train(changed, progress=False)
+    message = str(err.value)
+    assert "\n" not in message and "step_0000002" in message
+    assert "ema.decay: 0.99 -> 0.9, optim.lr: 0.001 -> 0.002" in message
+    assert "train.steps" not in message  # more steps is what a resume is for
+    assert (run / "config.yaml").read_text() == saved_yaml
+    assert not (run / "config_changes.jsonl").exists()
+    assert ckpt.list_checkpoints(run)[-1].name == "step_0000002"
+
+    result = train(changed, progress=False, allow_changes=True)
+    assert result.step == 4
+    assert "lr: 0.002" in (run / "config.yaml").read_text()
+    [row] = [json.loads(x) for x in (run / "config_changes.jsonl").read_text().splitlines()]
+    assert row["step"] == 2 and row["checkpoint"].endswith("step_0000002")
+    assert row["changes"]["optim.lr"] == [0.001, 0.002]
+    assert row["changes"]["train.steps"] == [2, 4]
+
+
+def test_training_phases_are_short_functions():
+    import ast
+    import inspect
+
+    from tread.train import loop, setup, state
+
+    for module in (loop, setup, state):
+        tree = ast.parse(inspect.getsource(module))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 60, (module.__name__, node.name, length)
+
+
+def test_clock_stamp_never_puts_training_time_past_elapsed():
+    from tread.train.state import Clock
+
+    clock = Clock(elapsed=5.0, side=0.0)  # no side work yet: the two must be equal
+    for _ in range(100):
+        stamp = clock.stamp()
+        assert stamp["elapsed_s"] == stamp["train_s"] >= 5.0

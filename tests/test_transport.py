@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import get_args
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+from tread import Route
 from tread.errors import ConfigError
 from tread.transport import EDM, OBJECTIVES, FlowMatching, ObjectiveName, build_objective
 from tread.transport.flow import TimeSampling
+from tread.transport.types import accepts_generator
+
+from conftest import tiny_dit
 
 B = 8
 SHAPE = (B, 2, 4, 4)  # (B, C, H, W)
@@ -230,6 +236,144 @@ def test_build_objective_passes_options() -> None:
     flow = build_objective("flow", time_sampling="logit_normal")
     assert isinstance(flow, FlowMatching) and flow.time_sampling == "logit_normal"
     assert set(OBJECTIVES) == set(get_args(ObjectiveName))
+
+
+# --------------------------------------------------------------------------------------------
+# learn_sigma: a network with 2C output channels (prediction first, variance second, as DiT's
+# published checkpoints) is trained and sampled on its first C channels only.
+
+
+def _learn_sigma_case(channels: int):
+    model = tiny_dit(learn_sigma=True, in_channels=channels).eval()
+    x0 = torch.randn(4, channels, 8, 8, generator=_gen(2))
+    y = torch.tensor([0, 3, 7, 10])
+    return model, x0, y
+
+
+@pytest.mark.parametrize("name", get_args(ObjectiveName))
+@pytest.mark.parametrize("channels", [1, 4])
+def test_learn_sigma_loss_uses_the_first_channels(name: ObjectiveName, channels: int) -> None:
+    model, x0, y = _learn_sigma_case(channels)
+    objective = build_objective(name)
+    loss = objective.loss(model, x0, y, _gen(5))
+    first = objective.loss(lambda x, t, y_: model(x, t, y_)[:, :channels], x0, y, _gen(5))
+    assert loss.shape == (4,)
+    torch.testing.assert_close(loss, first, rtol=0, atol=0)
+    # And the variance channels take no part: the loss is not what broadcasting all 2C
+    # channels against the C-channel target would give (C = 1 broadcasts, C = 4 cannot).
+    g = _gen(5)
+    time = objective.sample_time(4, like=x0, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    if name == "edm":
+        c_skip, c_out, c_in, c_noise = (
+            c.reshape(-1, 1, 1, 1) for c in objective.precondition(time)
+        )
+        x = x0 + time.reshape(-1, 1, 1, 1) * noise
+        out = model(c_in * x, c_noise.flatten(), y)  # (B, 2C, H, W)
+        denoised = c_skip * x + c_out * out[:, :channels]
+        expected = objective.loss_weight(time) * ((denoised - x0) ** 2).flatten(1).mean(1)
+        if channels == 1:
+            wrong = c_skip * x + c_out * out  # (B, 2, H, W): the old silent broadcast
+            broadcast = objective.loss_weight(time) * ((wrong - x0) ** 2).flatten(1).mean(1)
+    else:
+        x_t = objective.interpolate(x0, noise, time)
+        out = model(x_t, time, y)  # (B, 2C, H, W)
+        expected = ((out[:, :channels] - (noise - x0)) ** 2).flatten(1).mean(1)
+        broadcast = ((out - (noise - x0)) ** 2).flatten(1).mean(1) if channels == 1 else None
+    torch.testing.assert_close(loss, expected)
+    if channels == 1:
+        assert not torch.allclose(loss, broadcast)
+
+
+@pytest.mark.parametrize("name", get_args(ObjectiveName))
+@pytest.mark.parametrize("out_channels", [1, 3, 8])
+def test_output_shape_that_is_neither_c_nor_2c_is_refused(name, out_channels) -> None:
+    # A (B, 1, ...) output against a 2-channel input would broadcast; 3 and 8 are just wrong.
+    net = lambda x, t, y: x.new_zeros(x.shape[0], out_channels, *x.shape[2:])  # noqa: E731
+    message = rf"output has shape \(8, {out_channels}, 4, 4\) for an input of shape \(8, 2, 4, 4\)"
+    with pytest.raises(ValueError, match=message):
+        build_objective(name).loss(net, torch.randn(SHAPE), _labels(), _gen())
+
+
+# --------------------------------------------------------------------------------------------
+# The objective's generator reaches the network's own draws (routing): no global RNG use.
+
+
+@pytest.mark.parametrize("name", get_args(ObjectiveName))
+def test_loss_routes_with_the_objective_generator_not_the_global_rng(name) -> None:
+    model = tiny_dit(routes=[Route(1, 2, 0.5)]).train()
+    objective = build_objective(name)
+    x0 = torch.randn(3, 1, 8, 8, generator=_gen(1))
+    y = torch.tensor([0, 4, 10])
+    state = torch.get_rng_state()
+    a = objective.loss(model, x0, y, _gen(5))
+    b = objective.loss(model, x0, y, _gen(5))
+    assert torch.equal(torch.get_rng_state(), state)  # nothing drawn from the global RNG
+    assert torch.equal(a, b)
+    assert not torch.equal(a, objective.loss(model, x0, y, _gen(6)))
+    # Documented draw order: time, noise, then the routing subsets inside the forward pass.
+    g = _gen(5)
+    time = objective.sample_time(3, like=x0, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    routed = functools.partial(model, generator=g)
+    assert torch.equal(a, objective.loss_at(routed, x0, y, time, noise))
+    # The draw matters: the dense network gives another loss.
+    assert not torch.equal(a, objective.loss_at(model.eval(), x0, y, time, noise))
+
+
+class _WithGenerator(nn.Module):
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, *, generator=None) -> Tensor:
+        return x
+
+
+class _KwargsOnly(nn.Module):
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, **kwargs) -> Tensor:
+        return x
+
+
+def _with_generator(x, t, y, generator=None):
+    return x
+
+
+def _compiled() -> nn.Module:
+    with warnings.catch_warnings():  # torch.compile's import warns about torch.jit internals
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.compile(_WithGenerator())  # only wrapped here; nothing is compiled
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        pytest.param(_WithGenerator, True, id="module-with-generator"),
+        pytest.param(_compiled, True, id="torch.compile-wrapper"),
+        pytest.param(lambda: nn.DataParallel(_WithGenerator()), True, id="DataParallel"),
+        pytest.param(lambda: _with_generator, True, id="function"),
+        pytest.param(
+            lambda: functools.partial(_with_generator, generator=None), False, id="bound-partial"
+        ),
+        pytest.param(lambda: functools.partial(_WithGenerator(), y=None), True, id="partial"),
+        pytest.param(_Tiny, False, id="module-xty"),
+        pytest.param(_KwargsOnly, False, id="kwargs-only"),  # **kwargs alone is not trusted
+        pytest.param(lambda: lambda x, t, y: x, False, id="lambda-xty"),
+        pytest.param(lambda: torch.neg, False, id="builtin"),  # no signature to read
+    ],
+)
+def test_accepts_generator(make, expected: bool) -> None:
+    net = make()
+    assert accepts_generator(net) is expected
+    assert accepts_generator(net) is expected  # the cached answer agrees
+
+
+@pytest.mark.parametrize("name", get_args(ObjectiveName))
+def test_plain_three_argument_callables_get_no_generator(name) -> None:
+    calls = []
+
+    def net(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        calls.append((x.shape, t.shape, y.shape))
+        return torch.zeros_like(x)
+
+    loss = build_objective(name).loss(net, torch.randn(SHAPE), _labels(), _gen())
+    assert calls == [(SHAPE, (B,), (B,))] and torch.isfinite(loss).all()
 
 
 @pytest.mark.parametrize(

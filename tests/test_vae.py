@@ -27,6 +27,7 @@ from tread.data.vae import (
     vae_downsampling,
 )
 from tread.errors import ConfigError
+from tread.generate import latent_decoder_for
 from tread.train import load_for_inference, train
 from tread.train.evaluation import generate_images
 
@@ -251,7 +252,7 @@ def test_sample_decodes_latent_checkpoint(latent_run, vae_dir, tmp_path, capsys,
 
 def test_generate_images_decodes_latents(latent_run, vae_dir):
     model, config, _ = load_for_inference(latent_run.run_dir)
-    decode = latent_decoder(config, vae_dir)
+    decode = latent_decoder_for(config, vae_dir)
     images, labels = generate_images(
         model, config, 3, seed=0, device=torch.device("cpu"), decode=decode, steps=2
     )
@@ -259,7 +260,21 @@ def test_generate_images_decodes_latents(latent_run, vae_dir):
     raw, _ = generate_images(model, config, 3, seed=0, device=torch.device("cpu"), steps=2)
     torch.testing.assert_close(images, decode(raw))
     digits = load_config("digits_tread", [])
-    assert latent_decoder(digits, vae_dir) is None  # pixel models ignore --vae
+    assert latent_decoder_for(digits, vae_dir) is None  # pixel models ignore --vae
+
+
+def test_latent_decoder_takes_explicit_values(vae_dir):
+    # Only the values it needs, not a run config: pixel models get no decoder, latent models
+    # need a VAE whose latent width matches the model's, and decode with the given scale.
+    assert latent_decoder(vae_dir, latent=False) is None
+    with pytest.raises(ConfigError, match="--vae"):
+        latent_decoder(None, latent=True, scale=SCALE)
+    with pytest.raises(ConfigError, match="3"):
+        latent_decoder(vae_dir, latent=True, scale=SCALE, channels=3)
+    vae = load_vae(vae_dir)
+    z = torch.randn(2, vae.config.latent_channels, 2, 2)
+    decode = latent_decoder(vae_dir, latent=True, scale=SCALE, channels=z.shape[1])
+    torch.testing.assert_close(decode(z), decode_latents(vae, z, SCALE))
 
 
 class _MeanStdNet(torch.nn.Module):
@@ -278,11 +293,13 @@ def test_eval_decodes_latent_checkpoint(latent_run, vae_dir, tmp_path, capsys, m
 
     monkeypatch.delenv("TREAD_VAE", raising=False)
     monkeypatch.setattr(evaluation, "feature_net_for", lambda *a, **k: _MeanStdNet())
+    # The input check would refuse "latents" as a feature net name before the VAE is looked at.
+    monkeypatch.setattr(evaluation, "feature_net_name", lambda *a, **k: "digits")
     stats = tmp_path / "ref.npz"
     np.savez(stats, mu=np.zeros(6), sigma=np.eye(6))
     base = ["eval", str(latent_run.run_dir), "--num-samples", "4", "--steps", "2"]
     base += ["--metrics", "fd"]
-    assert cli_main(base) == 2
+    assert cli_main([*base, "--reference", str(stats)]) == 2
     assert "--vae" in capsys.readouterr().err
     assert cli_main([*base, "--vae", str(vae_dir)]) == 2  # default reference: the latents
     assert "--reference" in capsys.readouterr().err

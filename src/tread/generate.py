@@ -1,22 +1,56 @@
-"""Generate images from a model with per-sample seeds (sample i is the same at any batch size)."""
+"""Generate images from a model with per-sample seeds (sample i is the same at any batch size),
+and write them as a PNG grid, an ``.npz`` or a folder of PNGs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from .config import Config
+from .errors import ConfigError
 from .sampling import PerSampleRNG, sample
 from .seeding import derive_seed
 from .train.builders import objective_from_config
+
+OutputKind = Literal["grid", "npz", "dir"]
+# Output suffix -> kind; no suffix means a directory of PNG files.
+OUTPUT_SUFFIXES: dict[str, OutputKind] = {".png": "grid", ".npz": "npz", "": "dir"}
+# Grids get one column per class up to this many classes; beyond it they are square.
+MAX_CLASS_COLUMNS = 32
 
 
 def sample_labels(count: int, num_classes: int, labels: Sequence[int] | None = None) -> list[int]:
     """Labels for ``count`` samples: the given list cycled, or 0, 1, ..., K-1, 0, 1, ..."""
     pool = list(labels) if labels else list(range(max(num_classes, 1)))
     return [pool[i % len(pool)] for i in range(count)]
+
+
+def grid_columns(count: int, pool_size: int) -> int | None:
+    """Default grid columns: one per cycled label (so each column is one class), else None
+    (a square grid) for a single label or more than :data:`MAX_CLASS_COLUMNS` labels."""
+    if 1 < pool_size <= MAX_CLASS_COLUMNS:
+        return min(count, pool_size)
+    return None
+
+
+def latent_decoder_for(
+    config: Config, vae_path: str | Path | None, device: torch.device | str = "cpu"
+) -> Callable[[Tensor], Tensor] | None:
+    """:func:`tread.data.vae.latent_decoder` with the values a run's config gives it."""
+    from .data.vae import latent_decoder
+
+    return latent_decoder(
+        vae_path,
+        latent=config.data.name == "latents",
+        scale=config.data.latent_scale,
+        channels=config.model.in_channels,
+        device=device,
+    )
 
 
 @torch.no_grad()
@@ -75,3 +109,90 @@ def generate(
         if config.data.name != "latents":  # pixel data lives in [-1, 1]; latents are unbounded
             images = images.clamp(-1, 1)
         yield images, y
+
+
+def _check_writable(out: Path, folder: Path) -> None:
+    """``folder`` (or the nearest existing folder above it) accepts new files."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output {out}: directory {existing} is not writable")
+
+
+def check_sample_output(out: str | Path, *, overwrite: bool = False) -> OutputKind:
+    """Refuse an output path before any sampling, and say what will be written there.
+
+    Args:
+        out: ``*.png`` (a grid), ``*.npz`` (uint8 ``arr_0`` + ``labels``) or a path without a
+            suffix (a new or empty directory of PNG files).
+        overwrite: replace an existing ``.png`` / ``.npz`` file.
+
+    Returns:
+        "grid", "npz" or "dir".
+
+    Raises:
+        ConfigError: an unknown suffix, an existing file without ``overwrite``, a non-empty
+            directory, or a place that cannot be written.
+    """
+    out = Path(out)
+    kind = OUTPUT_SUFFIXES.get(out.suffix.lower())
+    if kind is None:
+        raise ConfigError(
+            f"output {out}: unknown suffix {out.suffix!r}; write a .png grid, an .npz, or a "
+            "directory (a path without a suffix)"
+        )
+    if kind == "dir":
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output {out} exists and is not a directory")
+        if out.is_dir() and any(out.iterdir()):
+            raise ConfigError(f"output directory {out} is not empty; choose a new or empty one")
+        _check_writable(out, out)
+        return kind
+    if out.is_dir():
+        raise ConfigError(f"output {out} is a directory, not a {out.suffix} file")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output {out} exists; pass --overwrite to replace it")
+    _check_writable(out, out.parent)
+    return kind
+
+
+def save_samples(
+    images: Tensor, labels: Sequence[int], out: str | Path, *, nrow: int | None = None
+) -> Path:
+    """Write samples where :func:`check_sample_output` allowed.
+
+    Args:
+        images: (N, C, H, W) in [-1, 1] on CPU.
+        labels: the N labels (saved in the ``.npz`` and in PNG file names).
+        out: the output path (kind from its suffix).
+        nrow: grid columns (PNG grid only; None = square).
+
+    Returns:
+        ``out``.
+    """
+    import numpy as np
+
+    from .visual import save_grid, to_uint8
+
+    out = Path(out)
+    kind = OUTPUT_SUFFIXES[out.suffix.lower()]
+    try:
+        if kind == "grid":
+            scale = max(1, 96 // images.shape[-1])  # tiny images are enlarged to be visible
+            save_grid(images, out, nrow=nrow, scale=scale)
+        elif kind == "npz":
+            out.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(out, arr_0=to_uint8(images), labels=np.array(labels))
+        else:
+            from PIL import Image
+
+            out.mkdir(parents=True, exist_ok=True)
+            for index, (pixels, label) in enumerate(zip(to_uint8(images), labels, strict=True)):
+                array = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+                Image.fromarray(array).save(out / f"{index:06d}_class{label}.png")
+    except OSError as err:
+        raise ConfigError(f"output {out}: cannot write ({err.strerror or err})") from None
+    return out

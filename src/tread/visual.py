@@ -118,3 +118,69 @@ def plot_curves(
     fig.savefig(out_path)
     plt.close(fig)
     return out_path
+
+
+def plot_panels(
+    panels: Sequence[tuple[dict[str, Sequence[tuple[float, float]]], str]],
+    out_path: str | Path,
+    *,
+    ylabel: str,
+    title: str | None = None,
+    log_y: bool = False,
+) -> Path:
+    """Side-by-side panels sharing the y axis, written as PNG.
+
+    Args:
+        panels: one ``(series, xlabel)`` per panel; ``series`` maps a line's name to its
+            (x, y) points, as in :func:`plot_curves`.
+        out_path: the PNG to write.
+        ylabel: label of the shared y axis (left panel).
+        title: figure title.
+        log_y: logarithmic y axis.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5 * len(panels), 3.8), dpi=120, sharey=True, squeeze=False
+    )
+    for ax, (series, xlabel) in zip(axes[0], panels, strict=True):
+        for name, points in series.items():
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker="o", ms=3, label=name)
+        ax.set_xlabel(xlabel)
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False)
+    axes[0][0].set_ylabel(ylabel)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
+def plot_image_row(images: dict[str, Path], out_path: str | Path) -> Path:
+    """Image files in one row, each titled with its key, written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(images), figsize=(5 * len(images), 5.4), dpi=120, squeeze=False)
+    for ax, (title, path) in zip(axes[0], images.items(), strict=True):
+        with Image.open(path) as image:
+            ax.imshow(image, cmap="gray")
+        ax.set_title(title)
+        ax.axis("off")
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path

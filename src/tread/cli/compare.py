@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
+from ..compare import EVAL_POINTS
 from .common import HelpFormatter, add_runtime_options, positive_int, set_threads
 
 
@@ -32,17 +32,35 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="equal steps per arm instead of equal wall-clock",
     )
-    p.add_argument("--eval-every", type=positive_int, default=None, help="steps between evals")
-    p.add_argument("--eval-samples", type=positive_int, default=None)
+    p.add_argument(
+        "--eval-every",
+        type=positive_int,
+        default=None,
+        help="steps between evaluations (default: chosen from the budget for "
+        f"{EVAL_POINTS} evaluations per arm)",
+    )
+    p.add_argument(
+        "--eval-samples",
+        type=positive_int,
+        default=None,
+        help="samples per evaluation (default: the config's eval.num_samples)",
+    )
+    p.add_argument(
+        "--noise-seeds",
+        type=positive_int,
+        default=3,
+        help="sample seeds at which each arm's final model is scored: the seed-noise band "
+        "of the conclusion (1 = no band, no conclusion)",
+    )
     add_runtime_options(p, device=False)
     p.set_defaults(func=run, threads_from_config=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..compare import ARMS, arm_configs, fmt, summarize, write_report
+    from .. import compare
     from ..config import load_config, split_config_args
-    from ..train import train
-    from ..train.evaluation import default_eval_hook
+    from ..train import resolve_run, train
+    from ..train.evaluation import default_eval_hook, eval_device
 
     preset, overrides = split_config_args(args.config)
     if args.threads:
@@ -55,25 +73,56 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(
             config, train=dataclasses.replace(config.train, steps=args.steps)
         )
-    arms = arm_configs(
-        config,
-        out,
-        minutes=minutes,
-        eval_every=args.eval_every,
-        eval_samples=args.eval_samples,
+    # Both arms pass every check before anything is probed, trained or written.
+    options = {"minutes": minutes, "eval_samples": args.eval_samples}
+    checked = compare.arm_configs(config, out, eval_every=None, **options)
+    resolved = {name: resolve_run(arm) for name, arm in checked.items()}
+    device = eval_device(config)  # where the in-loop evaluation runs (cuda:0 or the CPU)
+    plan = compare.plan_intervals(
+        resolved, minutes=minutes, eval_every=args.eval_every, device=device
     )
+    if plan.rates:
+        print(
+            f"timing probe: dense {plan.rates['dense']:.2f} it/s, tread "
+            f"{plan.rates['tread']:.2f} it/s -> about {plan.expected_steps} steps for the slower "
+            f"arm in {minutes:g} min",
+            flush=True,
+        )
+    arms = compare.arm_configs(
+        config, out, eval_every=plan.eval_every, log_every=plan.log_every, **options
+    )
+    print(
+        f"evaluation every {plan.eval_every} steps ({plan.note}); "
+        f"training rows every {plan.log_every} steps"
+    )
+    # Hooks check their settings when made (and load nothing): both before the first training.
+    hooks = {name: default_eval_hook(arm, progress=True) for name, arm in arms.items()}
     for name, arm in arms.items():
         print(f"== {name} arm -> {arm.train.run_dir}", flush=True)
-        train(arm, eval_hook=default_eval_hook(arm), progress=True)
-    summary = summarize({name: Path(arm.train.run_dir) for name, arm in arms.items()})
+        train(arm, eval_hook=hooks[name], progress=True)
+    seed_fd = {}
+    for name, arm in arms.items():
+        print(f"== {name} arm: final model at {args.noise_seeds} sample seed(s)", flush=True)
+        seed_fd[name] = compare.evaluate_final_seeds(
+            Path(arm.train.run_dir), args.noise_seeds, device=device, progress=True
+        )
     budget = f"{minutes:g} min of training per arm" if minutes else f"{args.steps} steps per arm"
-    report = write_report(out, summary, config, budget)
-    (out / "compare.json").write_text(json.dumps(summary, indent=2))
-    for arm in ARMS:
+    runs = {name: Path(arm.train.run_dir) for name, arm in arms.items()}
+    summary = compare.summarize(runs, budget=budget, seed_fd=seed_fd, eval_note=plan.note)
+    report = compare.write_outputs(out, summary, Path(config.preset).stem)
+    for arm in compare.ARMS:
         s = summary[arm]
+        band = s["final_fd_seeds"]
+        seeds = f" (seeds: {band['fd_mean']:.2f} ± {band['fd_half_range']:.2f})" if band else ""
         print(
             f"{arm:>6}: {s['steps']} steps, {s['train_minutes']:.1f} min, "
-            f"final FD {fmt(s['final_fd'], '.2f')}, acc {fmt(s['final_acc'], '.3f')}"
+            f"median {compare.fmt(s['median_it_s'], '.2f')} it/s, "
+            f"final FD {compare.fmt(s['final_fd'], '.2f')}{seeds}, "
+            f"acc {compare.fmt(s['final_acc'], '.3f')}"
         )
+    print(compare.speedup_sentence(summary))
+    if "tread_reaches_dense_final_fd" in summary:
+        print(compare.reach_sentence(summary))
+    print(summary["conclusion"]["text"])
     print(f"report: {report}")
     return 0

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
+from typing import Any, get_args
 
+from ..errors import ConfigError
 from .common import (
     HelpFormatter,
     add_runtime_options,
@@ -16,6 +19,8 @@ from .common import (
     resolve_device,
     vae_path,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,46 +48,102 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="reference: dataset split 'test'/'train', a stats .npz, or an ADM batch "
         "(default: eval.reference_split of the run)",
     )
-    p.add_argument("--metrics", default="fd,kid,pr,is,acc", help="comma-separated metrics")
+    p.add_argument(
+        "--reference-moments",
+        choices=("recompute", "file"),
+        default="recompute",
+        help="ADM batch: recompute mu/sigma from arr_0 with the feature net, or use the "
+        "file's precomputed TF-Inception moments (recorded in the JSON)",
+    )
+    p.add_argument(
+        "--metrics", default="fd,kid,pr,is,acc", help="comma-separated: fd,sfid,kid,pr,is,acc"
+    )
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the run's)")
     p.add_argument("--sampler", default=None, help="default: the run's sample.sampler")
     p.add_argument("--steps", type=positive_int, default=None, help="default: the run's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--out", default=None, help="JSON output (default: RUN/eval/...)")
+    p.add_argument("--out", default=None, help="JSON output (default: RUN_DIR/eval/...)")
     add_vae_option(p)
     add_runtime_options(p)
     p.set_defaults(func=run)
 
 
+def parse_metrics(text: str) -> list[str]:
+    """``fd,kid`` -> ["fd", "kid"]; unknown names are a one-line ConfigError."""
+    from ..eval import MetricName
+
+    known = get_args(MetricName)
+    metrics = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in metrics if m not in known]
+    if unknown or not metrics:
+        raise ConfigError(
+            f"--metrics {text!r}: unknown {', '.join(unknown) or '(empty)'}; "
+            f"choose from {','.join(known)}"
+        )
+    return metrics
+
+
+def default_out(checkpoint: Path, step: int, net: str, args: argparse.Namespace, s: dict) -> Path:
+    """``RUN_DIR/eval/step…_NET_nN_SAMPLERSTEPS_gG_sSEED_ref….json``: outside checkpoints/."""
+    from ..train.evaluation import eval_dir
+
+    ref = Path(s["reference"]).stem if s["reference"] not in ("train", "test") else s["reference"]
+    ref += "-file-moments" if args.reference_moments == "file" else ""
+    name = (
+        f"step{step:07d}_{net}_n{args.num_samples}_{s['sampler']}{s['steps']}"
+        f"_g{s['guidance']:g}_s{args.seed}_ref-{ref}.json"
+    )
+    return eval_dir(checkpoint) / name
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..data.vae import latent_decoder
-    from ..eval import inception_weights_from_env
+    from ..eval import finite_metrics, inception_weights_from_env, sample_size_warnings
+    from ..eval.stats import atomic_open
+    from ..generate import latent_decoder_for
     from ..train.checkpoint import load_for_inference, resolve_checkpoint
     from ..train.dist import init_process_group
-    from ..train.evaluation import evaluate_model, feature_net_for, reference_for
+    from ..train.evaluation import (
+        check_eval_inputs,
+        eval_dir,
+        evaluate_model,
+        feature_net_for,
+        reference_for,
+    )
 
+    metrics = parse_metrics(args.metrics)
     info = dist_info()
     device = resolve_device(args.device, info.local_rank)
     checkpoint = resolve_checkpoint(args.checkpoint)
     model, config, step = load_for_inference(checkpoint, device)
-    vae = vae_path(args)
-    decode = latent_decoder(config, vae, device)  # None: pixels
-    init_process_group(info, device)
     weights = args.inception_weights or inception_weights_from_env()
-    net = feature_net_for(config, args.feature_net, inception_weights=weights, device=device)
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    reference = (
-        reference_for(config, net, args.reference, checkpoint.parent.parent / "eval", device)
-        if info.is_main
-        else None
-    )
+    # Every rank checks the inputs, so a bad one stops the job before any sample is drawn.
+    check_eval_inputs(config, args.feature_net, args.reference, inception_weights=weights)
+    vae = vae_path(args)
+    decode = latent_decoder_for(config, vae, device)  # None: pixels
+    init_process_group(info, device)
     settings = {
         "sampler": args.sampler or config.sample.sampler,
         "steps": args.steps or config.sample.steps,
         "guidance": config.sample.guidance if args.guidance is None else args.guidance,
         "guidance_interval": config.sample.guidance_interval,
+        "reference": args.reference or config.eval.reference_split,
     }
+    net = reference = out = None
+    if info.is_main:  # only rank 0 scores and writes: the others just generate their share
+        net = feature_net_for(config, args.feature_net, inception_weights=weights, device=device)
+        out = (
+            Path(args.out) if args.out else default_out(checkpoint, step, net.name, args, settings)
+        )
+        _check_out(out)
+        reference = reference_for(
+            config,
+            net,
+            args.reference,
+            eval_dir(checkpoint),
+            device,
+            use_file_moments=args.reference_moments == "file",
+        )
     start = time.perf_counter()
     result = evaluate_model(
         model,
@@ -103,44 +164,67 @@ def run(args: argparse.Namespace) -> int:
     )
     if not info.is_main:
         return 0
-    metric_name = "FID" if net.name.startswith("inception") else "FD"
+    assert net is not None and reference is not None and out is not None
+    scores, warnings = finite_metrics(result)
+    warnings += sample_size_warnings(args.num_samples, reference, metrics)
+    for message in warnings:
+        logger.warning(message)
     record = {
         "checkpoint": str(checkpoint),
         "step": step,
-        "feature_net": net.name,
-        "fd_is": metric_name,
-        "reference": args.reference or config.eval.reference_split,
+        **_provenance(net.name, reference),
         "num_samples": args.num_samples,
         "seed": args.seed,
         **({"vae": str(vae)} if decode else {}),
         **settings,
-        "metrics": result,
+        "metrics": scores,
+        "warnings": warnings,
         "seconds": time.perf_counter() - start,
     }
-    out = (
-        Path(args.out)
-        if args.out
-        else checkpoint
-        / (
-            f"eval_{net.name}_n{args.num_samples}_{settings['sampler']}{settings['steps']}"
-            f"_g{settings['guidance']:g}_s{args.seed}.json"
-        )
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    parts = [f"{metric_name} {result['fd']:.3f}"] if "fd" in result else []
-    labels = {
-        "sfid": "sFD",
-        "kid_mean": "KID",
-        "precision": "P",
-        "recall": "R",
-        "is_mean": "IS",
-        "acc": "acc",
-    }
-    parts += [f"{label} {result[key]:.4g}" for key, label in labels.items() if key in result]
-    print(
-        f"step {step} | {', '.join(parts)} | n={args.num_samples} {settings['sampler']} "
-        f"steps={settings['steps']} guidance={settings['guidance']:g} seed={args.seed} "
-        f"net={net.name} -> {out}"
-    )
+    text = json.dumps(record, indent=2, allow_nan=False)  # NaN is not JSON: refuse it
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(out) as handle:
+            handle.write(text.encode())
+    except OSError as err:
+        raise ConfigError(f"cannot write {out}: {err.strerror or err}") from None
+    print(f"step {step} | {_summary(scores, record)} -> {out}")
     return 0
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be written, before any sample is generated."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give a .json file name")
+
+
+def _provenance(net_name: str, reference: Any) -> dict[str, Any]:
+    """What was compared with what: the nets behind each side and where the moments came from."""
+    return {
+        "feature_net": net_name,
+        "fd_is": "FID" if net_name.startswith("inception") else "FD",
+        "generated_features": net_name,
+        "reference_features": reference.moments_net or reference.net or "unknown",
+        "reference_stats_source": reference.moments_source or "stats file without provenance",
+        "reference_samples": reference.num_samples,
+        "preprocessing": "both sides quantised to uint8 before the feature net",
+    }
+
+
+def _summary(scores: dict[str, float | None], record: dict[str, Any]) -> str:
+    """One line: ``FD 12.345, KID 0.1, ... | n=1000 edm_heun steps=18 ...``."""
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    labels = {"sfid": "sFD", "kid_mean": "KID", "precision": "P", "recall": "R", "is_mean": "IS"}
+    parts = [f"{record['fd_is']} {fmt(scores['fd'], '.3f')}"] if "fd" in scores else []
+    parts += [
+        f"{label} {fmt(scores[key], '.4g')}" for key, label in labels.items() if key in scores
+    ]
+    parts += [f"acc {fmt(scores['acc'], '.4g')}"] if "acc" in scores else []
+    return (
+        f"{', '.join(parts)} | n={record['num_samples']} {record['sampler']} "
+        f"steps={record['steps']} guidance={record['guidance']:g} seed={record['seed']} "
+        f"net={record['feature_net']}"
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -17,6 +16,8 @@ from .common import (
     vae_path,
 )
 
+UNCOND = "uncond"  # --labels word for the null label (unconditional samples)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -27,42 +28,80 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", help="checkpoint directory or run directory")
     p.add_argument("--count", type=positive_int, default=100, help="number of samples")
-    p.add_argument("--labels", help="comma-separated class labels, cycled (default: all classes)")
+    p.add_argument(
+        "--labels",
+        help=f"comma-separated class labels, cycled, or {UNCOND} for unconditional samples "
+        "(default: all classes)",
+    )
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (1 = off)")
     p.add_argument("--sampler", default=None, help="edm_heun | flow_euler | flow_heun | ...")
     p.add_argument("--steps", type=positive_int, default=None, help="solver steps")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed+i")
     p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--nrow", type=positive_int, default=None, help="grid columns (PNG output)")
-    p.add_argument("--out", default="samples.png", help="a .png grid, an .npz, or a directory")
+    p.add_argument(
+        "--nrow",
+        type=positive_int,
+        default=None,
+        help="grid columns (default: one per cycled label up to 32, else a square grid)",
+    )
+    p.add_argument(
+        "--out",
+        default="samples.png",
+        help="a .png grid, an .npz, or a new or empty directory (a path without a suffix)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_vae_option(p)
     add_runtime_options(p)
     p.set_defaults(func=run)
 
 
-def _parse_labels(text: str | None) -> list[int] | None:
+def _parse_labels(text: str | None) -> list[int | None] | None:
+    """Labels from ``--labels``: integers, with None standing for ``uncond``."""
     if not text:
         return None
+    words = [w.strip() for w in text.split(",") if w.strip()]
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        return [None if w == UNCOND else int(w) for w in words] or None
     except ValueError:
-        raise ConfigError(f"--labels must be comma-separated integers, got {text!r}") from None
+        raise ConfigError(
+            f"--labels must be comma-separated integers or {UNCOND}, got {text!r}"
+        ) from None
+
+
+def _check_labels(labels: list[int | None] | None, num_classes: int) -> list[int] | None:
+    """Map ``uncond`` to the null label and refuse labels the model does not have."""
+    if labels is None:
+        return None
+    for value in labels:
+        if value is not None and not 0 <= value < num_classes:
+            raise ConfigError(
+                f"--labels: {value} is not a class of this model (0..{num_classes - 1}); "
+                f"use {UNCOND} for unconditional samples"
+            )
+    return [num_classes if v is None else v for v in labels]
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.vae import latent_decoder
-    from ..generate import generate, sample_labels
+    from ..generate import (
+        check_sample_output,
+        generate,
+        grid_columns,
+        latent_decoder_for,
+        sample_labels,
+        save_samples,
+    )
     from ..train import load_for_inference
-    from ..visual import save_grid, to_uint8
 
+    # Everything a user can get wrong is refused before the checkpoint is even read.
+    check_sample_output(args.out, overwrite=args.overwrite)
+    requested = _parse_labels(args.labels)
     device = resolve_device(args.device)
     model, config, step = load_for_inference(args.checkpoint, device)
-    labels = sample_labels(args.count, config.model.num_classes, _parse_labels(args.labels))
-    bad = [v for v in labels if not 0 <= v <= config.model.num_classes]
-    if bad:
-        raise ConfigError(f"--labels: {bad[0]} is outside 0..{config.model.num_classes}")
+    num_classes = config.model.num_classes
+    pool = _check_labels(requested, num_classes)
+    labels = sample_labels(args.count, num_classes, pool)
     # Latent models: load the VAE before sampling so a bad --vae fails at once.
-    decode = latent_decoder(config, vae_path(args), device)
+    decode = latent_decoder_for(config, vae_path(args), device)
     seeds = [args.seed + i for i in range(args.count)]
     batches = generate(
         model,
@@ -77,21 +116,7 @@ def run(args: argparse.Namespace) -> int:
         progress=True,
     )
     images = torch.cat([(decode(x) if decode else x).cpu() for x, _ in batches])
-    out = Path(args.out)
-    if out.suffix == ".png":
-        scale = max(1, 96 // images.shape[-1])
-        save_grid(images, out, nrow=args.nrow, scale=scale)
-    elif out.suffix == ".npz":
-        import numpy as np
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, arr_0=to_uint8(images), labels=np.array(labels))
-    else:
-        from PIL import Image
-
-        out.mkdir(parents=True, exist_ok=True)
-        for index, (pixels, label) in enumerate(zip(to_uint8(images), labels, strict=True)):
-            array = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
-            Image.fromarray(array).save(out / f"{index:06d}_class{label}.png")
+    nrow = args.nrow or grid_columns(args.count, len(pool) if pool else num_classes)
+    out = save_samples(images, labels, args.out, nrow=nrow)
     print(f"wrote {len(labels)} samples from step {step} to {out}")
     return 0

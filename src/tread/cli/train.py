@@ -23,6 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run every check, print the resolved config and exit (writes nothing)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="resume even though settings such as optim.lr differ from the checkpoint's; "
+        "the changes are recorded in RUN_DIR/config_changes.jsonl",
+    )
     add_runtime_options(p, device=False)  # the device is train.device
     p.set_defaults(func=run, threads_from_config=True)
 
@@ -34,6 +40,14 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         overrides.append(f"train.num_threads={args.threads}")
     config = load_config(preset, overrides)
+    info = dist_info()
+    hook = None
+    if config.eval.every:
+        from ..eval import inception_weights_from_env
+        from ..train.evaluation import default_eval_hook
+
+        # Creating the hook checks the eval settings and writes nothing, so --dry-run does it.
+        hook = default_eval_hook(config, info, inception_weights=inception_weights_from_env())
     if args.dry_run:
         from ..train import resolve_run
 
@@ -41,15 +55,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from ..train import train
 
-    info = dist_info()
     set_threads(config.train.num_threads)
     set_tf32(config.train.tf32)
-    hook = None
-    if config.eval.every:
-        from ..train.evaluation import default_eval_hook
-
-        hook = default_eval_hook(config, info)
-    result = train(config, dist=info, eval_hook=hook, progress=not args.no_progress)
+    result = train(
+        config,
+        dist=info,
+        eval_hook=hook,
+        progress=not args.no_progress,
+        allow_changes=args.allow_changes,
+    )
     if info.is_main:
         how = "time budget reached" if result.stopped == "time" else "done"
         print(f"{how}: step {result.step}, run directory {result.run_dir}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from tread.data.arrays import ImageArrays
-from tread.data.digits import load_digits
+from tread.data.digits import Split, load_digits
 from tread.data.folder import load_image_folder, load_npz_images
 from tread.data.idx import find_idx_dir, load_idx_dir, read_idx, write_idx
 from tread.data.latents import load_latents
@@ -36,7 +36,7 @@ __all__ = [
 
 DatasetName = Literal["digits", "fashion_mnist", "mnist", "idx", "folder", "npz", "latents"]
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
-SPLITS = ("train", "test", "all")
+SPLITS: tuple[str, ...] = get_args(Split)
 
 # Extra keyword options each dataset accepts; anything else is a ConfigError, not ignored.
 _OPTIONS: dict[str, frozenset[str]] = {
@@ -53,7 +53,7 @@ _OPTIONS: dict[str, frozenset[str]] = {
 def load_dataset(
     name: DatasetName,
     path: str | Path | None = None,
-    split: Literal["train", "test", "all"] = "train",
+    split: Split = "train",
     resolution: int | None = None,
     **opts: Any,
 ) -> ImageArrays:
@@ -83,26 +83,31 @@ def load_dataset(
         raise ConfigError(f"{name}: unknown option(s) {unknown}; allowed: {allowed}")
     if name == "digits":
         if path is not None:
-            raise ConfigError(f"digits: is bundled with scikit-learn; got path={path!r}")
+            raise ConfigError(
+                f"digits: is bundled with scikit-learn and reads no files; got data.path={path!r}"
+            )
         if resolution not in (None, 8):
-            raise ConfigError(f"digits: images are 8x8; got resolution={resolution}")
+            raise ConfigError(f"digits: images are 8x8; got data.resolution={resolution}")
         return load_digits(split)
     if name in ("fashion_mnist", "mnist", "idx"):
         pad_to = opts.pop("pad_to", None)
         if resolution is not None and pad_to is not None and resolution != pad_to:
-            raise ConfigError(f"{name}: resolution={resolution} conflicts with pad_to={pad_to}")
+            raise ConfigError(
+                f"{name}: data.resolution={resolution} conflicts with data.pad_to={pad_to}"
+            )
         if path is None:
             if name == "idx":
-                raise ConfigError("idx: path= is required (a directory of IDX files)")
+                raise ConfigError("idx: data.path= is required (a directory of IDX files)")
             path = find_idx_dir(name)
         if name != "idx":
             opts["num_classes"] = 10
         return load_idx_dir(path, split, pad_to=pad_to or resolution, name=name, **opts)
     if path is None:
-        raise ConfigError(f"{name}: path= is required")
+        raise ConfigError(f"{name}: data.path= is required")
     if split == "test":
         raise ConfigError(
-            f"{name}: has no built-in test split; point path at held-out data with split='train'"
+            f"{name}: has no built-in test split; point data.path at held-out data and set "
+            "data.split=train"
         )
     if name == "folder":
         return load_image_folder(path, resolution=resolution, name=name, **opts)
@@ -111,7 +116,8 @@ def load_dataset(
     data = load_latents(path, name=name, **opts)
     if resolution is not None and data.shape[1:] != (resolution, resolution):
         raise ConfigError(
-            f"latents: resolution={resolution} but {path} holds {data.shape[1]}x{data.shape[2]} "
-            "latents (resolution is the latent side here, or leave it unset)"
+            f"latents: data.resolution={resolution} but {path} holds "
+            f"{data.shape[1]}x{data.shape[2]} latents (it is the latent side here; or leave it "
+            "unset)"
         )
     return data

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from tread.errors import DataError
 
-__all__ = ["ImageArrays", "to_unit_range"]
+__all__ = ["MAX_CLASSES", "ImageArrays", "classes_from_labels", "to_unit_range"]
+
+# More classes than any real label set (ImageNet-21k has 21,843). A larger label is corrupt
+# data: inferring num_classes from it would make the model allocate a class embedding of
+# gigabytes (label 1e9 asked for 512 GB) instead of failing with a message.
+MAX_CLASSES = 100_000
 
 
 def to_unit_range(pixels: np.ndarray, max_value: float = 255.0) -> torch.Tensor:
@@ -26,6 +32,38 @@ def to_unit_range(pixels: np.ndarray, max_value: float = 255.0) -> torch.Tensor:
     # for 8-bit inputs (every k / 127.5 - 1 is representable to < 1 ulp).
     x = torch.from_numpy(np.ascontiguousarray(pixels)).to(torch.float32)
     return x.mul_(2.0 / max_value).sub_(1.0)
+
+
+def classes_from_labels(
+    labels: torch.Tensor, num_classes: int | None, source: str | Path, name: str
+) -> int:
+    """Check int64 labels (N,) read from ``source`` and return the number of classes.
+
+    Args:
+        labels: (N,) int64 labels as stored.
+        num_classes: the declared number of classes, or None to infer max label + 1.
+        source: the file or directory the labels came from (named in errors).
+        name: dataset name for messages.
+
+    Returns:
+        ``num_classes``, or max label + 1 when it is None.
+
+    Raises:
+        DataError: a negative label, a label >= ``num_classes``, or one beyond MAX_CLASSES.
+    """
+    if labels.numel() == 0:
+        return 1 if num_classes is None else num_classes
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0:
+        raise DataError(f"{name}: {source} has negative label {lo}")
+    if num_classes is not None and hi >= num_classes:
+        raise DataError(f"{name}: {source} has label {hi} but num_classes is {num_classes}")
+    if hi >= MAX_CLASSES:
+        raise DataError(
+            f"{name}: {source} has label {hi}; labels must be class indices below "
+            f"{MAX_CLASSES:,} (is the labels array corrupt or not class indices?)"
+        )
+    return hi + 1 if num_classes is None else num_classes
 
 
 @dataclass
@@ -84,8 +122,10 @@ class ImageArrays:
             )
         if imgs.shape[0] == 0:
             raise DataError(f"{name}: dataset is empty")
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise DataError(f"{name}: num_classes must be a positive int, got {self.num_classes}")
+        if not isinstance(self.num_classes, int) or not 1 <= self.num_classes <= MAX_CLASSES:
+            raise DataError(
+                f"{name}: num_classes must be an int in [1, {MAX_CLASSES}], got {self.num_classes}"
+            )
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= self.num_classes:
             raise DataError(

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tread.data.arrays import ImageArrays, to_unit_range
+from tread.data.arrays import ImageArrays, classes_from_labels, to_unit_range
 from tread.errors import ConfigError, DataError
 
 __all__ = [
@@ -86,7 +86,7 @@ def _stack(arrays: list[np.ndarray], files: list[Path], name: str) -> np.ndarray
         if arr.shape != first:
             raise DataError(
                 f"{name}: {file} is {arr.shape[1]}x{arr.shape[0]} but {files[0]} is "
-                f"{first[1]}x{first[0]}; pass resolution= to resize"
+                f"{first[1]}x{first[0]}; set data.resolution= to resize"
             )
     return np.stack(arrays)
 
@@ -251,9 +251,7 @@ def load_npz_images(
                 f"got {raw_labels.dtype} {raw_labels.shape}"
             )
         labels = torch.from_numpy(raw_labels.astype(np.int64))
-        if labels.numel() and int(labels.min()) < 0:
-            raise DataError(f"{name}: {path} has negative label {int(labels.min())}")
     if labels.shape[0] != images.shape[0]:
         raise DataError(f"{name}: {path} has {labels.shape[0]} labels for {images.shape[0]} images")
-    classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    classes = classes_from_labels(labels, num_classes, path, name)
     return ImageArrays(images=images, labels=labels, num_classes=classes, name=name)

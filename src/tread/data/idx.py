@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tread.data.arrays import ImageArrays, to_unit_range
+from tread.data.arrays import ImageArrays, classes_from_labels, to_unit_range
 from tread.errors import ConfigError, DataError
 
 __all__ = [
@@ -140,12 +140,14 @@ def find_idx_dir(name: str) -> Path:
     """
     candidates = IDX_SEARCH_DIRS.get(name)
     if candidates is None:
-        raise ConfigError(f"{name}: no default location known; pass path=")
+        raise ConfigError(f"{name}: no default location known; set data.path=DIR")
     for candidate in candidates:
         if Path(candidate).is_dir():
             return Path(candidate)
     hint = " (Debian: apt install dataset-fashion-mnist)" if name == "fashion_mnist" else ""
-    raise DataError(f"{name}: not found in {', '.join(candidates)}; pass path={hint}")
+    raise DataError(
+        f"{name}: not found in {', '.join(candidates)}; set data.path=DIR to its IDX files{hint}"
+    )
 
 
 def _load_split(root: Path, split: str, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -197,12 +199,10 @@ def load_idx_dir(
         raise DataError(f"{name}: train and test images under {root} differ in size")
     pixels = np.concatenate([p[0] for p in parts])
     labels = torch.from_numpy(np.concatenate([p[1] for p in parts]).astype(np.int64))
-    if int(labels.min()) < 0:
-        raise DataError(f"{name}: negative label {int(labels.min())} in label files under {root}")
+    classes = classes_from_labels(labels, num_classes, f"the label files under {root}", name)
     images = to_unit_range(pixels).unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
     if pad_to is not None:
         images = pad_images(images, pad_to, name)
-    classes = int(labels.max()) + 1 if num_classes is None else num_classes
     return ImageArrays(images=images, labels=labels, num_classes=classes, name=name)
 
 
@@ -219,7 +219,7 @@ def pad_images(images: torch.Tensor, size: int, name: str = "idx") -> torch.Tens
     """
     h, w = images.shape[-2:]
     if size < h or size < w:
-        raise ConfigError(f"{name}: pad_to={size} is smaller than the images ({h}x{w})")
+        raise ConfigError(f"{name}: data.pad_to={size} is smaller than the images ({h}x{w})")
     if size == h == w:
         return images
     top, left = (size - h) // 2, (size - w) // 2

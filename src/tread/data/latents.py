@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from tread.data.arrays import ImageArrays
+from tread.data.arrays import ImageArrays, classes_from_labels
 from tread.errors import ConfigError, DataError
 
 __all__ = ["LATENT_SUFFIXES", "load_latents"]
@@ -127,7 +127,9 @@ def load_latents(
         raise DataError(f"{name}: {path} latents must be floating point, got {latents.dtype}")
     scale = float(scale_factor if scale_factor is not None else stored_scale or 1.0)
     if not np.isfinite(scale) or scale == 0:
-        raise ConfigError(f"{name}: scale_factor must be finite and non-zero, got {scale}")
+        raise ConfigError(
+            f"{name}: scale factor (data.latent_scale) must be finite and non-zero, got {scale}"
+        )
 
     n = int(latents.shape[0])
     if labels is None:
@@ -142,9 +144,7 @@ def load_latents(
         label_t = label_t.to(torch.int64)
         if label_t.shape[0] != n:
             raise DataError(f"{name}: {path} has {label_t.shape[0]} labels for {n} latents")
-        if int(label_t.min()) < 0:
-            raise DataError(f"{name}: {path} has negative label {int(label_t.min())}")
-    classes = int(label_t.max()) + 1 if num_classes is None else num_classes
+    classes = classes_from_labels(label_t, num_classes, path, name)
 
     if mmap:
         # Stays on disk; ImageArrays.take applies the scale per batch.

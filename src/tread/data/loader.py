@@ -1,7 +1,10 @@
-"""BatchStream: a deterministic, resumable, rank-aware infinite batch iterator."""
+"""BatchStream: a deterministic, resumable, rank-aware infinite batch iterator, and Prefetcher,
+which prepares its next batches on a background thread while the current step runs."""
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Any
 
 import torch
@@ -10,7 +13,7 @@ from tread.data.arrays import ImageArrays
 from tread.errors import CheckpointError, ConfigError
 from tread.seeding import derive_seed
 
-__all__ = ["BatchStream", "derive_seed"]
+__all__ = ["BatchStream", "Prefetcher", "derive_seed"]
 
 
 class BatchStream:
@@ -171,3 +174,70 @@ class BatchStream:
             raise CheckpointError(f"BatchStream state: index {state['index']} > {len(self.data)}")
         self._epoch, self._index, self._step = state["epoch"], state["index"], state["step"]
         self._normalise()
+
+
+class Prefetcher:
+    """Batches of a :class:`BatchStream` read ahead on a background thread, moved to ``device``.
+
+    The thread takes batches from the stream (disk reads, flips) while the training step runs;
+    on CUDA it pins them so the copy to the GPU is asynchronous. :meth:`state_dict` is the
+    stream's position after the batches *returned* so far, not after those read ahead, so a
+    checkpoint resumes at the first batch that was not trained on.
+
+    Args:
+        stream: the stream to read; only the background thread touches it from now on.
+        device: where :meth:`__next__` puts the batches.
+        depth: batches read ahead.
+    """
+
+    def __init__(self, stream: BatchStream, device: torch.device, depth: int = 2) -> None:
+        self.stream = stream
+        self.device = device
+        self._state = stream.state_dict()  # position after the batches consumed so far
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="tread-prefetch", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        pin = self.device.type == "cuda"
+        while not self._stop.is_set():
+            try:
+                images, labels = next(self.stream)
+                if pin:
+                    images, labels = images.pin_memory(), labels.pin_memory()
+                item: Any = (images, labels, self.stream.state_dict())
+            except BaseException as err:  # re-raised in the consumer, which can report it
+                item = err
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (images (b, C, H, W), labels (b,)) batch on ``device``."""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        images, labels, self._state = item
+        return (
+            images.to(self.device, non_blocking=True),
+            labels.to(self.device, non_blocking=True),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream's :meth:`BatchStream.state_dict` after the batches returned so far."""
+        return dict(self._state)
+
+    def close(self) -> None:
+        """Stop the thread (batches read ahead are dropped; the stream is then past them)."""
+        self._stop.set()
+        self._thread.join(timeout=5)

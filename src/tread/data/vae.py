@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,9 +24,6 @@ from torch import Tensor
 
 from tread.data.folder import load_npz_images, read_images, scan_image_folder
 from tread.errors import ConfigError, DataError
-
-if TYPE_CHECKING:
-    from tread.config import Config
 
 __all__ = [
     "EncodeResult",
@@ -171,25 +168,32 @@ def decode_latents(vae: Any, latents: Tensor, scale: float, *, batch_size: int =
 
 
 def latent_decoder(
-    config: Config,
     vae_path: str | Path | None,
-    device: torch.device | str = "cpu",
     *,
+    latent: bool,  # the model generates VAE latents (a run with data.name=latents)
+    scale: float = 1.0,  # data.latent_scale: the factor the latents were multiplied by
+    channels: int | None = None,  # model.in_channels, checked against the VAE
+    device: torch.device | str = "cpu",
     batch_size: int = 32,
 ) -> Callable[[Tensor], Tensor] | None:
     """What turns a model's samples into images: None for pixel models, a VAE decode otherwise.
 
     Args:
-        config: the checkpoint's config; ``data.name == "latents"`` marks a latent model.
         vae_path: the VAE folder; required for latent models, ignored for pixel models.
+        latent: whether the model generates latents; False returns None.
+        scale: the latent scale the model was trained with (0.18215 for SD-VAE).
+        channels: the model's channels; a VAE with another latent width is refused.
         device: where to run the decoder.
         batch_size: latents per decoder call (the decoder's activations at full resolution,
             not the sampler, bound memory here).
 
     Returns:
         None, or a function mapping (B, C, h, w) samples to (B, 3, H, W) images in [-1, 1].
+
+    Raises:
+        ConfigError: no VAE for a latent model, an unloadable VAE, or a channel mismatch.
     """
-    if config.data.name != "latents":
+    if not latent:
         return None
     if not vae_path:
         raise ConfigError(
@@ -197,13 +201,11 @@ def latent_decoder(
             "a local diffusers AutoencoderKL folder such as sd-vae-ft-ema, to decode them"
         )
     vae = load_vae(vae_path, device)
-    channels = config.model.in_channels
     if channels is not None and vae.config.latent_channels != channels:
         raise ConfigError(
             f"VAE {vae_path} has {vae.config.latent_channels} latent channels but the model "
             f"generates {channels}"
         )
-    scale = config.data.latent_scale
 
     def decode(latents: Tensor) -> Tensor:
         return decode_latents(vae, latents, scale, batch_size=batch_size)

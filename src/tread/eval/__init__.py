@@ -6,7 +6,12 @@ features come from :class:`InceptionV3FID` with the user's pytorch-fid weights.
 
 from __future__ import annotations
 
-from tread.eval.adm import adm_reference_stats, iter_adm_images, load_adm_images
+from tread.eval.adm import (
+    adm_reference_stats,
+    iter_adm_images,
+    load_adm_images,
+    reference_file_kind,
+)
 from tread.eval.classifiers import (
     ClassifierConfig,
     SmallCNN,
@@ -19,9 +24,12 @@ from tread.eval.evaluate import (
     MetricName,
     compute_metrics,
     extract_features,
+    finite_metrics,
+    min_samples_for_fd,
     reference_stats,
+    sample_size_warnings,
 )
-from tread.eval.features import FeatureNet, FeatureOutput
+from tread.eval.features import FeatureNet, FeatureOutput, quantize_uint8
 from tread.eval.inception import InceptionV3FID, inception_weights_from_env, load_inception
 from tread.eval.metrics import (
     frechet_distance,
@@ -46,6 +54,7 @@ __all__ = [
     "compute_metrics",
     "extract_features",
     "feature_stats",
+    "finite_metrics",
     "frechet_distance",
     "inception_score",
     "inception_weights_from_env",
@@ -55,7 +64,11 @@ __all__ = [
     "load_classifier",
     "load_inception",
     "load_stats",
+    "min_samples_for_fd",
     "precision_recall",
+    "quantize_uint8",
+    "reference_file_kind",
     "reference_stats",
+    "sample_size_warnings",
     "save_stats",
 ]

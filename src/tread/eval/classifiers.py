@@ -150,7 +150,7 @@ def save_classifier(
     save_file(state, str(path), metadata={"name": model.name})
     path.chmod(0o644)  # safetensors writes 0600; packaged data should be world-readable
     info = {"name": model.name, "architecture": asdict(model.config), **(meta or {})}
-    path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2, allow_nan=False) + "\n")
     return path
 
 

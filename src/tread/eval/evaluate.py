@@ -7,7 +7,8 @@ be larger than memory) produced by the sampler.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from tread.errors import ConfigError, DataError
-from tread.eval.features import FeatureNet
+from tread.eval.features import FeatureNet, quantize_uint8
 from tread.eval.metrics import frechet_distance, inception_score, kid, precision_recall
 from tread.eval.stats import FeatureStats, MomentAccumulator, load_stats, save_stats
 
@@ -106,6 +107,7 @@ def extract_features(
     *,
     keep_pool: bool = True,
     keep_logits: bool = True,
+    quantize: bool = True,
     device: str | torch.device | None = None,
 ) -> ExtractedFeatures:
     """Run `net` over all images; moments are merged in float64 so the batch size does not matter.
@@ -117,6 +119,8 @@ def extract_features(
         batch_size: images per forward pass for an in-memory `source`.
         keep_pool: keep all pooled features (needed for KID and precision/recall).
         keep_logits: keep all logits (needed for IS).
+        quantize: round the images to the uint8 grid first (:func:`quantize_uint8`), as the
+            ADM suite and pytorch-fid see saved samples; False feeds the floats unchanged.
         device: where to run; default: the net's device.
 
     Returns:
@@ -133,6 +137,8 @@ def extract_features(
         lo, hi = float(images.min()), float(images.max())
         if lo < -1 - _RANGE_SLACK or hi > 1 + _RANGE_SLACK:
             raise DataError(f"images must be floats in [-1, 1], got range [{lo:.3g}, {hi:.3g}]")
+        if quantize:
+            images = quantize_uint8(images)
         out = net(images.to(device))
         pool_acc.update(out["pool"])
         if out["spatial"] is not None:
@@ -164,6 +170,7 @@ def extract_features(
 def _to_stats(
     feats: ExtractedFeatures, net_name: str, source: str, max_features: int | None
 ) -> FeatureStats:
+    """Reference statistics from extracted features (KID/PR keep a fixed random subset)."""
     kept = feats.pool
     if kept is not None and max_features is not None and kept.shape[0] > max_features:
         # A fixed-seed random subset, not the first rows: datasets may be sorted by class.
@@ -178,6 +185,7 @@ def _to_stats(
         sigma_s=feats.sigma_s,
         net=net_name,
         source=source,
+        moments_source=f"computed from {source} with {net_name}",
     )
 
 
@@ -194,6 +202,7 @@ def compute_metrics(
     pr_k: int = 3,
     is_splits: int = 10,
     seed: int = 0,
+    quantize: bool = True,
     device: str | torch.device | None = None,
 ) -> dict[str, float]:
     """Evaluate generated images against a reference set with one feature network.
@@ -214,6 +223,8 @@ def compute_metrics(
         kid_subsets, kid_subset_size: KID subset sampling; seed: its RNG seed.
         pr_k: k of the k-NN radii in precision/recall.
         is_splits: number of splits for IS.
+        quantize: round `fake` (and `reference` images) to the uint8 grid before the net, see
+            :func:`~tread.eval.features.quantize_uint8`.
         device: where to run the net; default: the net's device.
 
     Returns:
@@ -229,9 +240,9 @@ def compute_metrics(
             raise DataError(f"reference stats were computed with {ref.net!r}, not {net.name!r}")
     else:
         ref_feats = extract_features(
-            net, reference, None, batch_size, keep_logits=False, device=device
+            net, reference, None, batch_size, keep_logits=False, quantize=quantize, device=device
         )
-        ref = _to_stats(ref_feats, net.name, "images", max_features=None)
+        ref = _to_stats(ref_feats, net.name, _image_source("images", quantize), None)
 
     need_pool = "kid" in wanted or "pr" in wanted
     if need_pool and ref.features is None:
@@ -243,6 +254,7 @@ def compute_metrics(
         batch_size,
         keep_pool=need_pool,
         keep_logits="is" in wanted,
+        quantize=quantize,
         device=device,
     )
     result: dict[str, float] = {"num_samples": float(feats.count)}
@@ -283,6 +295,7 @@ def reference_stats(
     data_path: str | PathLike[str] | None = None,
     batch_size: int = 256,
     max_features: int | None = 10_000,
+    quantize: bool = True,
     device: str | torch.device | None = None,
 ) -> FeatureStats:
     """Feature statistics of a real dataset split, cached to an ``.npz`` file.
@@ -297,12 +310,14 @@ def reference_stats(
         batch_size: images per forward pass.
         max_features: pooled features kept for KID / precision-recall (a fixed random subset
             when the split is larger); None keeps all.
+        quantize: round the images to the uint8 grid first, like the generated side (datasets
+            not stored as uint8, e.g. digits with 17 grey levels, change slightly).
         device: where to run the net.
 
     Returns:
         The :class:`FeatureStats`.
     """
-    source = f"{dataset_name}:{split}"
+    source = _image_source(f"{dataset_name}:{split}", quantize)
     if cache_path is not None and Path(cache_path).is_file():
         stats = load_stats(cache_path)
         if (stats.net, stats.source) != (net.name, source):
@@ -314,8 +329,82 @@ def reference_stats(
     from tread.data import load_dataset  # imported here: only this function needs the datasets
 
     data = load_dataset(dataset_name, path=data_path, split=split)
-    feats = extract_features(net, data.images, None, batch_size, keep_logits=False, device=device)
+    feats = extract_features(
+        net, data.images, None, batch_size, keep_logits=False, quantize=quantize, device=device
+    )
     stats = _to_stats(feats, net.name, source, max_features)
     if cache_path is not None:
         save_stats(stats, cache_path)
     return stats
+
+
+def _image_source(name: str, quantize: bool) -> str:
+    # The preprocessing is part of the name, so a cache made without quantisation (older
+    # versions) is refused instead of silently compared with quantised samples.
+    return f"{name} (uint8)" if quantize else name
+
+
+def min_samples_for_fd(feature_dim: int) -> int:
+    """Fewest samples per side for which a Fréchet distance is reported without a warning.
+
+    The rule is the feature dimension F: with N < F samples the F×F covariance estimate has
+    rank at most N − 1, so it is singular and FD is dominated by its small-sample bias (FD is
+    biased upward roughly in proportion to F / N). Inception's 2048-d pool features need
+    N >= 2048 (the literature uses 10k–50k); the 128-d packaged classifiers need N >= 128.
+    """
+    return feature_dim
+
+
+def sample_size_warnings(
+    num_samples: int, reference: FeatureStats, metrics: Iterable[str]
+) -> list[str]:
+    """Warnings for FD/sFID computed from too few samples on either side (see docs).
+
+    Args:
+        num_samples: generated samples.
+        reference: the reference statistics (their feature dimensions and sample count).
+        metrics: the metrics asked for; only "fd" and "sfid" are checked.
+
+    Returns:
+        One message per problem (empty when the counts are large enough).
+    """
+    wanted = set(metrics)
+    dims = {"fd": reference.mu.shape[0]}
+    if reference.mu_s is not None:
+        dims["sfid"] = reference.mu_s.shape[0]
+    messages = []
+    for metric, dim in dims.items():
+        if metric not in wanted:
+            continue
+        need = min_samples_for_fd(dim)
+        if num_samples < need:
+            messages.append(
+                f"{metric}: {num_samples} generated samples < {need} (the feature dimension): "
+                "the covariance is singular and the distance is biased upward; compare it only "
+                "with runs that use the same sample count"
+            )
+        if 0 < reference.num_samples < need:
+            messages.append(
+                f"{metric}: the reference has {reference.num_samples} samples < {need} (the "
+                "feature dimension): its covariance is singular and the distance biased upward"
+            )
+    return messages
+
+
+def finite_metrics(result: Mapping[str, float]) -> tuple[dict[str, float | None], list[str]]:
+    """Replace non-finite metric values by None (JSON ``null``) and say which ones.
+
+    ``json.dumps`` writes NaN/Infinity, which is not JSON; a reader would fail on the file.
+
+    Returns:
+        (the metrics with None for non-finite values, one warning per replaced value).
+    """
+    clean: dict[str, float | None] = {}
+    warnings: list[str] = []
+    for key, value in result.items():
+        if math.isfinite(value):
+            clean[key] = value
+        else:
+            clean[key] = None
+            warnings.append(f"{key} is {value} (not finite): written as null")
+    return clean, warnings

@@ -66,3 +66,23 @@ def center_crop_to(images: torch.Tensor, size: tuple[int, int], net_name: str) -
             "or a larger size with even margins)"
         )
     return images[..., dh // 2 : dh // 2 + th, dw // 2 : dw // 2 + tw]
+
+
+def quantize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Round images in [-1, 1] to the 256 levels of a uint8 image and map them back to [-1, 1].
+
+    Generated samples are scored as the images a user would save: the ADM suite, pytorch-fid
+    and torch-fidelity all read uint8 files, and DiT's ``sample_ddp.py`` writes
+    ``clamp(127.5 x + 128, 0, 255)`` truncated, i.e. round-to-nearest of ``127.5 (x + 1)``, as
+    here. Skipping it changes FID measurably (the feature nets see sub-level noise), so both
+    sides of every comparison go through this. Idempotent, and exact on uint8 inputs converted
+    as ``u / 127.5 - 1`` (:func:`tread.eval.adm.uint8_nhwc_to_float`).
+
+    Args:
+        images: (B, C, H, W) float images in [-1, 1] (values outside are clamped).
+
+    Returns:
+        float32 images of the same shape on the uint8 grid, in [-1, 1].
+    """
+    levels = torch.floor((images.float() + 1.0) * 127.5 + 0.5).clamp_(0.0, 255.0)
+    return levels / 127.5 - 1.0

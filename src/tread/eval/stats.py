@@ -6,10 +6,15 @@ written here can be read by ADM-style tools and vice versa.
 
 from __future__ import annotations
 
+import os
+import secrets
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -109,8 +114,14 @@ class FeatureStats:
         features: (M, F) pooled features kept for KID and precision/recall, or None.
         mu_s: (F2,) mean of the spatial features (sFID), or None.
         sigma_s: (F2, F2) covariance of the spatial features, or None.
-        net: name of the feature network ("" if unknown, e.g. an ADM reference batch).
-        source: free-form description of the images, e.g. "fashion_mnist:test".
+        net: name of the feature network whose features these stats are compared with ("" if
+            unknown). compute_metrics refuses stats of another net.
+        source: free-form description of the images, e.g. "fashion_mnist:test (uint8)".
+        moments_net: the network that produced mu/sigma when it is not `net` (e.g. ADM's TF
+            Inception graph for an ADM batch's precomputed moments); "" = `net`.
+        moments_source: how mu/sigma were obtained, e.g. "computed from fashion_mnist:test with
+            fashion_mnist_classifier" or "precomputed in <file> (ADM evaluator, TF Inception)";
+            recorded in eval JSONs so a reader knows which network produced the reference side.
     """
 
     mu: np.ndarray
@@ -121,6 +132,34 @@ class FeatureStats:
     sigma_s: np.ndarray | None = None
     net: str = ""
     source: str = ""
+    moments_net: str = ""
+    moments_source: str = ""
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden sibling of `path` unique to this process and call (pid + random suffix).
+
+    Ranks of one job (or two jobs) that cache the same file never share a temporary name, so
+    one cannot truncate or rename away another's half-written file.
+    """
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+@contextmanager
+def atomic_open(path: str | PathLike[str]) -> Iterator[BinaryIO]:
+    """Open a temporary file for writing; on success it replaces `path` in one ``os.replace``.
+
+    Readers see the old file or the complete new one, never a partial write; on error the
+    temporary file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_stats(stats: FeatureStats, path: str | PathLike[str]) -> Path:
@@ -143,16 +182,18 @@ def save_stats(stats: FeatureStats, path: str | PathLike[str]) -> Path:
         "num_samples": np.asarray(stats.num_samples, np.int64),
         "net": np.asarray(stats.net),
         "source": np.asarray(stats.source),
+        "moments_net": np.asarray(stats.moments_net),
+        "moments_source": np.asarray(stats.moments_source),
     }
     if stats.features is not None:
         arrays["features"] = np.asarray(stats.features, np.float32)
     if stats.mu_s is not None and stats.sigma_s is not None:
         arrays["mu_s"] = np.asarray(stats.mu_s, np.float64)
         arrays["sigma_s"] = np.asarray(stats.sigma_s, np.float64)
-    # Write to a temporary name first so an interrupted run never leaves a truncated cache.
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    # A per-process temporary name + os.replace: an interrupted run never leaves a truncated
+    # cache, and ranks writing the same cache at once never clobber each other's temp file.
+    with atomic_open(path) as handle:
+        np.savez(handle, **arrays)
     return path
 
 
@@ -208,4 +249,6 @@ def load_stats(path: str | PathLike[str]) -> FeatureStats:
         sigma_s=sigma_s,
         net=str(arrays["net"]) if "net" in arrays else "",
         source=str(arrays["source"]) if "source" in arrays else "",
+        moments_net=str(arrays["moments_net"]) if "moments_net" in arrays else "",
+        moments_source=str(arrays["moments_source"]) if "moments_source" in arrays else "",
     )

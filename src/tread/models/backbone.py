@@ -74,7 +74,9 @@ class RoutableBackbone(nn.Module):
             t: (B,) float time / noise-level conditioning.
             y: (B,) long class labels; ``num_classes`` is the null label.
             routes: None = configured routes in train mode, dense in eval; a list applies as is.
-            generator: randomness of the token subsets.
+            generator: randomness of the token subsets (one draw per active route, in route
+                order); ``EDM.loss`` / ``FlowMatching.loss`` pass their generator here, so with
+                None the draw comes from the global RNG only in a caller's own forward calls.
             plans: explicit kept-token plans, one per active route, instead of drawing.
 
         Returns:

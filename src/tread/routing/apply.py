@@ -48,8 +48,13 @@ def route_blocks(
 
     Returns:
         (B, N, D) output tokens.
+
+    Raises:
+        ValueError: an invalid route or plan, or an ``aux`` tensor that is not (B, N, ...) like
+            ``x`` (checked up front, with or without routes, so the message names it).
     """
     aux = dict(aux or {})
+    _check_token_aligned(x, aux)
     batch, num_tokens = x.shape[:2]
     resolved = resolve_routes(routes, len(blocks))
     if plans is not None and len(plans) != len(resolved):
@@ -96,6 +101,32 @@ def route_blocks(
             if fp32_after_reinsert:
                 fp32_blocks.add(index + 1)
     return x
+
+
+def _check_token_aligned(x: Tensor, aux: Mapping[str, Tensor]) -> None:
+    """Refuse tokens that are not (B, N, ...) and ``aux`` tensors whose (B, N) differ from x's.
+
+    Without this a wrong-length ``aux`` (e.g. RoPE angles for another grid) fails deep inside
+    torch.gather/scatter with a raw size mismatch, or broadcasts silently in a dense block.
+    """
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"route_blocks needs tokens x of shape (B, N, D), got {shape}")
+    batch, num_tokens = x.shape[:2]
+    for name, value in aux.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(
+                f"aux[{name!r}] must be a tensor (B, N, ...), got {type(value).__name__}"
+            )
+        if value.dim() < 2:
+            raise ValueError(
+                f"aux[{name!r}] has shape {tuple(value.shape)}, expected (B, N, ...) = "
+                f"({batch}, {num_tokens}, ...)"
+            )
+        if value.shape[0] != batch:
+            raise ValueError(f"aux[{name!r}] has batch size {value.shape[0]}, expected {batch}")
+        if value.shape[1] != num_tokens:
+            raise ValueError(f"aux[{name!r}] has {value.shape[1]} tokens, expected {num_tokens}")
 
 
 def _run_fp32(block: nn.Module, x: Tensor, cond: Any, aux: Mapping[str, Tensor]) -> Tensor:

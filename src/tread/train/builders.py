@@ -31,8 +31,42 @@ def load_data(config: Config, split: str | None = None) -> ImageArrays:
     )
 
 
+# Datasets whose class count is inferred from the largest label in the files: a model may
+# declare more classes (e.g. an ImageNet subset keeping the 1000-class label ids). Every other
+# dataset has a fixed class list, and the model must have exactly that many classes.
+_INFERRED_CLASSES = ("idx", "npz", "latents")
+
+
+def check_num_classes(config: Config, data: ImageArrays) -> int:
+    """The model's number of classes for ``data``: ``model.num_classes`` or the data's.
+
+    Label ``num_classes`` is the null label of classifier-free guidance, so a smaller value
+    would turn real labels into "no class".
+
+    Raises:
+        ConfigError: ``model.num_classes`` does not fit the data's labels.
+    """
+    wanted, found = config.model.num_classes, data.num_classes
+    if wanted is None or wanted == found:
+        return found
+    where = f"data {data.name}" + (f" ({config.data.path})" if config.data.path else "")
+    if wanted < found:
+        raise ConfigError(
+            f"model.num_classes={wanted} but {where} has labels up to {found - 1}: labels "
+            f">= {wanted} would be read as the null (unconditional) label; set it to {found} "
+            "or leave it unset"
+        )
+    if data.name not in _INFERRED_CLASSES:
+        raise ConfigError(
+            f"model.num_classes={wanted} but {where} has exactly {found} classes; samples and "
+            f"evaluations would ask for classes it lacks; set it to {found} or leave it unset"
+        )
+    return wanted
+
+
 def with_data_shape(config: Config, data: ImageArrays) -> Config:
-    """Fill the model's input size, channels and classes from the data where the config has None.
+    """Fill the model's input size, channels and classes from the data where the config has None,
+    and the architecture fields from the registry, then check the model can be built.
 
     Raises:
         ConfigError: the config sets a value the data contradicts.
@@ -40,16 +74,20 @@ def with_data_shape(config: Config, data: ImageArrays) -> Config:
     channels, height, width = data.shape
     if height != width:
         raise ConfigError(f"data {data.name}: images must be square, got {height}x{width}")
-    found = {"input_size": height, "in_channels": channels, "num_classes": data.num_classes}
     model = config.model
-    updates = {}
-    for key, value in found.items():
+    for key, value in (("input_size", height), ("in_channels", channels)):
         current = getattr(model, key)
-        if current is None:
-            updates[key] = value
-        elif key != "num_classes" and current != value:
+        if current is not None and current != value:
             raise ConfigError(f"model.{key}={current} but data {data.name} has {value}")
-    return dataclasses.replace(config, model=dataclasses.replace(model, **updates))
+    # dataclasses.replace runs ModelConfig's checks again, now with the input size known
+    # (input_size divisible by patch_size).
+    model = dataclasses.replace(
+        model.with_architecture(),
+        input_size=height,
+        in_channels=channels,
+        num_classes=check_num_classes(config, data),
+    )
+    return dataclasses.replace(config, model=model)
 
 
 def build_from_config(config: Config) -> RoutableBackbone:
@@ -97,10 +135,20 @@ def objective_from_config(config: Config):
 def prepare_run(config: Config) -> tuple[Config, ImageArrays]:
     """Every check a run needs before it writes anything: (resolved config, dataset).
 
-    Loads the dataset (shapes, classes) and fills what the config leaves to the data.
+    Loads the dataset, fills what the config leaves to the data (input size, channels,
+    classes) and to the registry (depth, width, heads, patch size, MLP ratio), and checks
+    that the model fits the data. The resolved config is what ``--dry-run`` prints and the
+    run saves. (The in-loop evaluation's settings are checked when its hook is created.)
+
+    Raises:
+        ConfigError / DataError: the first problem found, naming the key, file or value.
     """
     data = load_data(config)
-    return with_data_shape(config, data), data
+    resolved = with_data_shape(config, data)
+    if resolved.model.num_classes != data.num_classes:
+        # A declared superset of an inferred label set: the data agrees with the model.
+        data = dataclasses.replace(data, num_classes=resolved.model.num_classes)
+    return resolved, data
 
 
 def resolve_run(config: Config) -> Config:

@@ -15,6 +15,7 @@ never leaves a half checkpoint under a valid name and never touches the previous
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,8 +31,14 @@ from torch import nn
 from ..config import Config, config_from_dict, config_to_dict
 from ..errors import CheckpointError, ConfigError
 
+log = logging.getLogger(__name__)
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# Left behind by a process killed inside save_checkpoint: .tmp_step_<step>_<pid> (being written)
+# and .old_step_<step>_<pid> (the previous copy of a re-saved step, renamed aside).
+_PARTIAL_DIR = re.compile(r"^\.(tmp|old)_step_(\d+)_(\d+)$")
 WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
+CHECKPOINT_FILES = (*WEIGHT_FILES, "state.pt", "config.json", "meta.json")
 
 
 def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -123,6 +130,50 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def remove_stale_partials(run_dir: str | Path) -> list[Path]:
+    """Clean up after processes killed inside :func:`save_checkpoint`; call with the run locked.
+
+    Removes the ``.tmp_step_*_<pid>`` directories of processes that are gone (and of this pid:
+    a container restarted under the same pid cannot be writing yet). A ``.old_step_*`` whose
+    ``step_*`` is missing (killed between the two renames) is the last whole copy of that step:
+    it is put back, not deleted.
+
+    Returns:
+        The directories removed or restored.
+    """
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    handled = []
+    for path in sorted(root.iterdir()):
+        match = _PARTIAL_DIR.match(path.name)
+        if not match or not path.is_dir():
+            continue
+        kind, step, pid = match.group(1), int(match.group(2)), int(match.group(3))
+        if pid != os.getpid() and _pid_alive(pid):
+            log.info("leaving %s: process %d is still running", path, pid)
+            continue
+        final = root / f"step_{step:07d}"
+        if kind == "old" and not final.exists() and (path / "meta.json").is_file():
+            path.rename(final)
+            log.warning("restored checkpoint %s from an interrupted save", final)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, left by a killed process", path)
+        handled.append(path)
+    return handled
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from itself or from a run directory (then its newest checkpoint)."""
     path = Path(path)
@@ -130,19 +181,47 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if _STEP_DIR.match(path.name) or any((path / name).exists() for name in CHECKPOINT_FILES):
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: {path / 'meta.json'} is missing "
+            "(written last, so the save was interrupted)"
+        )
     found = list_checkpoints(path)
     if not found:
         raise CheckpointError(f"no complete checkpoint in {path} (expected checkpoints/step_*/)")
     return found[-1]
 
 
+def _read_json_object(file: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {what} {file} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"checkpoint {what} {file} is unreadable: {err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"checkpoint {what} {file} is not a JSON object (found {type(data).__name__})"
+        )
+    return data
+
+
+def read_meta(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's meta.json, checked to hold an integer ``step`` >= 0."""
+    file = checkpoint / "meta.json"
+    meta = _read_json_object(file, "meta")
+    step = meta.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"checkpoint meta {file} has no valid 'step' (found {step!r})")
+    return meta
+
+
 def read_config(checkpoint: Path) -> Config:
     file = checkpoint / "config.json"
+    data = _read_json_object(file, "config")
     try:
-        return config_from_dict(json.loads(file.read_text()))
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint config {file} is unreadable: {err}") from None
-    except ConfigError as err:
+        return config_from_dict(data)
+    except (ConfigError, ValueError, TypeError) as err:
         raise CheckpointError(f"checkpoint config {file} is invalid: {err}") from None
 
 
@@ -160,11 +239,39 @@ def load_weights(module: nn.Module, file: Path) -> None:
 
 
 def load_training_state(checkpoint: Path) -> dict[str, Any]:
+    """The optimizer and loop state of a checkpoint, checked for the keys a resume needs."""
     file = checkpoint / "state.pt"
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {checkpoint} is missing its training state {file}")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except OSError as err:
         raise CheckpointError(f"cannot read training state {file}: {err}") from None
+    except Exception:  # pickle, zip or torch errors: all mean "not what tread writes"
+        # torch's own message suggests weights_only=False, i.e. running pickled code: never.
+        raise CheckpointError(
+            f"{file} is not a tread training state (unreadable or written by something else)"
+        ) from None
+    problem = _training_state_problem(state)
+    if problem:
+        raise CheckpointError(f"training state {file} is incomplete: {problem}")
+    return state
+
+
+def _training_state_problem(state: Any) -> str | None:
+    """What a resume would trip over in a loaded state.pt, or None."""
+    if not isinstance(state, dict):
+        return f"expected a dict, found {type(state).__name__}"
+    optimizer, loop = state.get("optimizer"), state.get("loop")
+    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= optimizer.keys():
+        return "no optimizer state"
+    if not isinstance(loop, dict):
+        return "no loop state"
+    if not isinstance(loop.get("step"), int) or loop["step"] < 0:
+        return f"loop step is {loop.get('step')!r}, not an int >= 0"
+    if not isinstance(loop.get("data"), dict):
+        return "no data-stream position (loop.data)"
+    return None
 
 
 def load_for_inference(
@@ -181,5 +288,5 @@ def load_for_inference(
     config = read_config(checkpoint)
     model = build_from_config(config)
     load_weights(model, checkpoint / "ema.safetensors")
-    meta = json.loads((checkpoint / "meta.json").read_text())
-    return model.to(device).eval(), config, int(meta["step"])
+    step = read_meta(checkpoint)["step"]
+    return model.to(device).eval(), config, step

@@ -6,6 +6,7 @@ is reproducible from the recorded (checkpoint, sampler, steps, guidance, seed, c
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,89 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .dist import DistInfo
 
+logger = logging.getLogger(__name__)
+
 PACKAGED_NETS = ("digits", "fashion_mnist")
+SPLITS = ("train", "test")
+
+
+def eval_device(config: Config, info: DistInfo | None = None) -> torch.device:
+    """This rank's device for evaluation: ``cuda:LOCAL_RANK`` on CUDA, else the CPU.
+
+    An unindexed "cuda" would mean GPU 0 on every rank of a multi-GPU job.
+    """
+    info = info or DistInfo()
+    if config.train.device != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def eval_dir(checkpoint: Path) -> Path:
+    """Where eval outputs of a checkpoint go: ``RUN_DIR/eval`` (safe from checkpoint rotation).
+
+    A checkpoint outside a run directory (not ``.../checkpoints/step_*``) gets ``eval/`` beside it.
+    """
+    checkpoint = Path(checkpoint)
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent / "eval"
+    return checkpoint.parent / "eval"
+
+
+def feature_net_name(config: Config, name: str | None = None) -> str:
+    """The feature net an evaluation uses: `name`, else eval.feature_net, else the dataset's."""
+    return name or config.eval.feature_net or config.data.name
+
+
+def check_eval_inputs(
+    config: Config,
+    feature_net: str | None = None,
+    reference: str | None = None,
+    *,
+    inception_weights: str | Path | None = None,
+) -> None:
+    """Cheap checks of the feature net and reference, so a bad setting fails before any work.
+
+    Nothing is loaded or written: the training hook runs this when it is created and ``tread
+    eval`` before it generates a sample.
+
+    Raises:
+        ConfigError / DataError: a one-line message naming the setting or file.
+    """
+    name = feature_net_name(config, feature_net)
+    if name == "inception":
+        if inception_weights is None or not Path(inception_weights).is_file():
+            where = "not given" if inception_weights is None else f"not found: {inception_weights}"
+            raise DataError(
+                f"feature net 'inception': Inception weights {where} (pytorch-fid's "
+                "pt_inception-2015-12-05-6726825d.pth; see docs/evaluation.md)"
+            )
+    elif name not in PACKAGED_NETS:
+        raise ConfigError(
+            f"no packaged feature net for {name!r}; use --feature-net / eval.feature_net "
+            f"{' | '.join((*PACKAGED_NETS, 'inception'))}"
+        )
+    check_reference(config, reference)
+
+
+def check_reference(config: Config, reference: str | None = None) -> None:
+    """Check a reference (dataset split, stats file or ADM batch) without reading its data."""
+    reference = reference or config.eval.reference_split
+    if reference in SPLITS:
+        if config.data.name == "latents":
+            # The split holds latents, not images: the feature net cannot score them.
+            raise ConfigError(
+                "a latent model is scored on decoded images: pass --reference with a stats "
+                ".npz or an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz)"
+            )
+        return
+    if not Path(reference).is_file():
+        raise ConfigError(f"reference {reference!r} is neither 'train'/'test' nor a file")
+    from ..eval import reference_file_kind
+
+    reference_file_kind(reference)  # DataError unless a stats file or an ADM batch
 
 
 def feature_net_for(
@@ -31,7 +111,7 @@ def feature_net_for(
     """The feature network: a packaged classifier (default: the dataset's) or Inception-v3."""
     from ..eval import load_classifier, load_inception
 
-    name = name or config.eval.feature_net or config.data.name
+    name = feature_net_name(config, name)
     if name == "inception":
         return load_inception(inception_weights, device=device)
     if name not in PACKAGED_NETS:
@@ -43,30 +123,37 @@ def feature_net_for(
 
 
 def reference_for(
-    config: Config, net: Any, reference: str | None, cache_dir: Path, device: torch.device
+    config: Config,
+    net: Any,
+    reference: str | None,
+    cache_dir: Path,
+    device: torch.device,
+    *,
+    use_file_moments: bool = False,
 ):
-    """Reference statistics: a dataset split (cached), a stats file, or an ADM batch."""
-    from ..eval import adm_reference_stats, load_stats, reference_stats
+    """Reference statistics: a dataset split (cached), a stats file, or an ADM batch.
 
+    An ADM batch's moments are recomputed from its ``arr_0`` images with `net` unless
+    `use_file_moments` (see :func:`tread.eval.adm_reference_stats`).
+    """
+    from ..eval import adm_reference_stats, load_stats, reference_file_kind, reference_stats
+
+    check_reference(config, reference)
     reference = reference or config.eval.reference_split
-    if reference in ("train", "test"):
-        if config.data.name == "latents":
-            # The split holds latents, not images: the feature net cannot score them.
-            raise ConfigError(
-                "a latent model is scored on decoded images: pass --reference with a stats "
-                ".npz or an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz)"
-            )
-        cache = cache_dir / f"ref_{config.data.name}_{reference}_{net.name}.npz"
+    if reference in SPLITS:
+        # "_u8": stats of uint8-quantised images; caches of older versions are not reused.
+        cache = cache_dir / f"ref_{config.data.name}_{reference}_{net.name}_u8.npz"
         cache.parent.mkdir(parents=True, exist_ok=True)
         return reference_stats(
             config.data.name, reference, net, cache, data_path=config.data.path, device=device
         )
     path = Path(reference)
-    if not path.is_file():
-        raise ConfigError(f"reference {reference!r} is neither 'train'/'test' nor a file")
-    with np.load(path) as data:
-        is_adm = "arr_0" in data.files
-    return adm_reference_stats(path, net, device=device) if is_adm else load_stats(path)
+    if reference_file_kind(path) == "adm":
+        return adm_reference_stats(path, net, device=device, use_file_moments=use_file_moments)
+    stats = load_stats(path)
+    if stats.net and stats.net != net.name:  # refuse now, not after generating every sample
+        raise DataError(f"{path}: stats of {stats.net!r} features cannot score {net.name!r} ones")
+    return stats
 
 
 def generate_images(
@@ -85,7 +172,7 @@ def generate_images(
     """Generate ``num_samples`` class-balanced samples; under torchrun each rank makes a share.
 
     ``decode`` maps each generated batch to images (the VAE decoder of a latent model, see
-    :func:`tread.data.vae.latent_decoder`); None keeps the samples as they are.
+    :func:`tread.generate.latent_decoder_for`); None keeps the samples as they are.
 
     Returns:
         (images (N, C, H, W) in [-1, 1] on CPU, labels (N,)) — complete on rank 0.
@@ -162,31 +249,74 @@ def evaluate_model(
         batch_size=batch_size,
         device=device,
         kid_subset_size=min(1000, num_samples),
+        quantize=True,  # score the uint8 images a user would save, as ADM / pytorch-fid do
     )
 
 
-def default_eval_hook(config: Config, info: DistInfo | None = None):
-    """Hook for the training loop: FD + conditional accuracy of the EMA model every K steps."""
-    device = torch.device(
-        "cuda" if torch.cuda.is_available() and config.train.device != "cpu" else "cpu"
-    )
-    net = feature_net_for(config, device=device)
-    cache_dir = Path(config.train.run_dir) / "eval"
-    reference = reference_for(config, net, None, cache_dir, device)
+EvalHook = Callable[[int, nn.Module, Config], dict[str, float]]
+
+
+def default_eval_hook(
+    config: Config,
+    info: DistInfo | None = None,
+    *,
+    progress: bool = False,
+    inception_weights: str | Path | None = None,
+) -> EvalHook:
+    """Hook for the training loop: FD + conditional accuracy of the EMA model every K steps.
+
+    The loop calls ``hook(step, ema_model, resolved_config)`` on every rank: each rank
+    generates its share of the samples, rank 0 scores them and returns the metrics; the other
+    ranks return ``{}``. The feature net and the reference statistics (cached in
+    ``RUN_DIR/eval/``) are built on rank 0 at the first call, so creating the hook loads and
+    writes nothing; its settings are checked here, so a bad one fails before training starts.
+
+    Args:
+        config: the run config (eval.* and sample.* settings).
+        info: rank layout (default: a single process).
+        progress: show a sampling progress bar on rank 0.
+        inception_weights: pytorch-fid weights file, needed when eval.feature_net=inception.
+
+    Returns:
+        The hook.
+    """
+    from ..eval import finite_metrics, sample_size_warnings
+
+    info = info or DistInfo()
+    check_eval_inputs(config, inception_weights=inception_weights)
+    device = eval_device(config, info)
+    built: dict[str, Any] = {}  # "net", "reference": rank 0 only, at the first call
 
     def hook(step: int, model: nn.Module, resolved: Config) -> dict[str, float]:
+        if info.is_main and not built:
+            net = feature_net_for(resolved, inception_weights=inception_weights, device=device)
+            cache_dir = Path(resolved.train.run_dir) / "eval"
+            built["net"] = net
+            built["reference"] = reference_for(resolved, net, None, cache_dir, device)
+            for message in sample_size_warnings(
+                config.eval.num_samples, built["reference"], ("fd",)
+            ):
+                logger.warning("in-loop evaluation: %s", message)
         was_training = model.training
         result = evaluate_model(
             model,
             resolved,
             num_samples=config.eval.num_samples,
             metrics=("fd", "acc"),
-            net=net,
-            reference_stats=reference,
+            net=built.get("net"),
+            reference_stats=built.get("reference"),
             seed=config.sample.seed,
             device=device,
+            info=info,
+            progress=progress,
         )
         model.train(was_training)
-        return {k: v for k, v in result.items() if k != "num_samples"}
+        if not info.is_main:
+            return {}
+        clean, problems = finite_metrics(result)
+        for message in problems:
+            logger.warning("step %d evaluation: %s; not logged", step, message)
+        # metrics.jsonl must stay valid JSON: non-finite values are left out, not written as NaN.
+        return {k: v for k, v in clean.items() if k != "num_samples" and v is not None}
 
     return hook

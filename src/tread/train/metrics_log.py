@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ class MetricsLog:
     """
 
     def __init__(self, run_dir: Path, *, resume_step: int | None, tensorboard: bool) -> None:
+        writer_class = _summary_writer() if tensorboard else None  # may refuse: before writing
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             kept = [
@@ -24,20 +26,14 @@ class MetricsLog:
                 for line in self.path.read_text().splitlines()
                 if _row_step(line) is not None and _row_step(line) <= resume_step
             ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # Replace, not rewrite in place: a kill mid-write must not lose the kept rows.
+            tmp = self.path.with_name(f".metrics.jsonl.{os.getpid()}")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()  # a fresh run in a directory without checkpoints
         self._file = self.path.open("a", buffering=1)
-        self._writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError(
-                    "train.tensorboard=true needs the tensorboard package: "
-                    "pip install 'tread[tensorboard]'"
-                ) from None
-            self._writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self._writer = writer_class(str(run_dir / "tensorboard")) if writer_class else None
 
     def write(self, row: dict[str, Any]) -> None:
         self._file.write(json.dumps(row) + "\n")
@@ -50,6 +46,16 @@ class MetricsLog:
         self._file.close()
         if self._writer is not None:
             self._writer.close()
+
+
+def _summary_writer() -> type:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "train.tensorboard=true needs the tensorboard package: pip install 'tread[tensorboard]'"
+        ) from None
+    return SummaryWriter
 
 
 def _row_step(line: str) -> int | None:

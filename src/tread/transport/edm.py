@@ -11,7 +11,7 @@ from torch import Tensor
 
 from tread.errors import ConfigError
 
-from .types import Net, Prediction, expand_to
+from .types import Net, Prediction, bind_generator, expand_to, prediction_channels
 
 
 @dataclass
@@ -96,17 +96,20 @@ class EDM:
     def denoiser(self, net: Net) -> Prediction:
         """Wrap the raw network F into the preconditioned denoiser D(x, sigma, y).
 
+        A network with a learned variance (2C output channels, DiT's ``learn_sigma``) contributes
+        its first C channels as F; the variance channels are not trained by this objective.
+
         Args:
-            net: raw network ``net(x, t, y)``.
+            net: raw network ``net(x, t, y)`` returning (B, C, ...) or (B, 2C, ...).
 
         Returns:
-            Callable ``D(x, sigma, y)`` with x (B, ...), sigma (B,), y (B,) -> (B, ...) estimate
-            of the clean data.
+            Callable ``D(x, sigma, y)`` with x (B, C, ...), sigma (B,), y (B,) -> (B, C, ...)
+            estimate of the clean data.
         """
 
         def denoise(x: Tensor, sigma: Tensor, y: Tensor) -> Tensor:
             c_skip, c_out, c_in, c_noise = self.precondition(sigma)
-            out = net(expand_to(c_in, x) * x, c_noise, y)
+            out = prediction_channels(net(expand_to(c_in, x) * x, c_noise, y), x)  # (B, C, ...)
             return expand_to(c_skip, x) * x + expand_to(c_out, x) * out
 
         return denoise
@@ -131,10 +134,13 @@ class EDM:
     def loss(self, net: Net, x0: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         """Per-sample EDM training loss with freshly drawn sigma and noise.
 
-        Draw order (part of the reproducibility contract): sigma first, then noise.
+        Draw order (part of the reproducibility contract): sigma first, then noise, both from
+        ``generator``; then, if ``net`` takes a ``generator`` keyword (tread backbones do), the
+        same generator is passed to it, so its routing subsets are drawn next (one per active
+        route, in route order) and nothing comes from the global RNG.
 
         Args:
-            net: raw network ``net(x, t, y)``.
+            net: raw network ``net(x, t, y)``, optionally with a ``generator`` keyword.
             x0: (B, ...) clean data.
             y: (B,) labels.
             generator: source of randomness; must live on ``x0.device``.
@@ -144,4 +150,4 @@ class EDM:
         """
         sigma = self.sample_time(x0.shape[0], like=x0, generator=generator)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-        return self.loss_at(net, x0, y, sigma, noise)
+        return self.loss_at(bind_generator(net, generator), x0, y, sigma, noise)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from tread.errors import ConfigError
 
-from .types import Net, Prediction, expand_to
+from .types import Net, Prediction, bind_generator, expand_to, prediction_channels
 
 TimeSampling = Literal["uniform", "logit_normal"]
 
@@ -101,15 +101,18 @@ class FlowMatching:
     def velocity(self, net: Net) -> Prediction:
         """Return the velocity callable v(x, t, y); for this path it is the network itself.
 
+        A network with a learned variance (2C output channels, DiT's ``learn_sigma``) contributes
+        its first C channels as the velocity; the rest is ignored.
+
         Args:
-            net: raw network ``net(x, t, y)``.
+            net: raw network ``net(x, t, y)`` returning (B, C, ...) or (B, 2C, ...).
 
         Returns:
-            Callable ``v(x, t, y)`` with x (B, ...), t (B,), y (B,) -> (B, ...).
+            Callable ``v(x, t, y)`` with x (B, C, ...), t (B,), y (B,) -> (B, C, ...).
         """
 
         def velocity(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-            return net(x, t, y)
+            return prediction_channels(net(x, t, y), x)  # (B, C, ...)
 
         return velocity
 
@@ -133,10 +136,13 @@ class FlowMatching:
     def loss(self, net: Net, x0: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         """Per-sample flow-matching loss with freshly drawn times and noise.
 
-        Draw order (part of the reproducibility contract): t first, then noise.
+        Draw order (part of the reproducibility contract): t first, then noise, both from
+        ``generator``; then, if ``net`` takes a ``generator`` keyword (tread backbones do), the
+        same generator is passed to it, so its routing subsets are drawn next (one per active
+        route, in route order) and nothing comes from the global RNG.
 
         Args:
-            net: raw network ``net(x, t, y)``.
+            net: raw network ``net(x, t, y)``, optionally with a ``generator`` keyword.
             x0: (B, ...) clean data.
             y: (B,) labels.
             generator: source of randomness; must live on ``x0.device``.
@@ -146,4 +152,4 @@ class FlowMatching:
         """
         t = self.sample_time(x0.shape[0], like=x0, generator=generator)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-        return self.loss_at(net, x0, y, t, noise)
+        return self.loss_at(bind_generator(net, generator), x0, y, t, noise)

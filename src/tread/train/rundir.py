@@ -1,0 +1,176 @@
+"""The run directory: checks before writing, an exclusive lock, and a record of config changes.
+
+One training owns a run directory at a time. The lock is an ``flock`` on ``<run>/.lock``: the
+kernel releases it when its process dies, so a lock left by a killed run is simply free again.
+The file records the holder's pid and host for the refusal message; a clean exit empties it, so
+a non-empty but unlocked file means the previous holder was killed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, config_to_dict
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+CHANGES_FILE = "config_changes.jsonl"
+
+# Settings a resume may change without asking, because they say how long, how often or on what
+# hardware to train, not what is learnt: more steps or a new time budget, logging/checkpoint/
+# sample/eval cadence, rotation, threads, compilation, where the run lives (a fork resumes into
+# a new train.run_dir), the preset's name, and the grid size (pictures only). Everything else
+# (optimizer, EMA, seed, batch, precision, sampler and eval settings that make metrics
+# comparable) changes the run's results and must be accepted explicitly.
+ALLOWED_CHANGES = frozenset(
+    {
+        "preset",
+        "train.run_dir",
+        "train.steps",
+        "train.max_minutes",
+        "train.resume",
+        "train.log_every",
+        "train.ckpt_every",
+        "train.keep_last",
+        "train.sample_every",
+        "train.tensorboard",
+        "train.num_threads",
+        "train.compile",
+        "train.tf32",
+        "train.device",
+        "train.dist_timeout_minutes",
+        "eval.every",
+        "sample.grid_size",
+    }
+)
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse a run directory that cannot be created or written, before anything is written.
+
+    Raises:
+        ConfigError: naming ``train.run_dir`` and the offending path.
+    """
+    ancestor = run_dir
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"train.run_dir={run_dir}: {ancestor} is a file, not a directory")
+    for path in (ancestor, run_dir / "checkpoints", run_dir / "samples", run_dir / "eval"):
+        if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"train.run_dir={run_dir}: directory {path} is not writable")
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"train.run_dir={run_dir}: {path} is a file, not a directory")
+    for name in ("config.yaml", "metrics.jsonl", CHANGES_FILE, LOCK_FILE):
+        path = run_dir / name
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ConfigError(f"train.run_dir={run_dir}: file {path} is not writable")
+
+
+class RunLock:
+    """An exclusive, process-lifetime lock on a run directory (see the module docstring)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ConfigError(f"train.run_dir={run_dir} cannot be written: {err}") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe(self._read())
+            self._close()
+            raise ConfigError(
+                f"train.run_dir={run_dir} is in use by another training ({holder}); "
+                f"wait for it or choose another train.run_dir (lock file {self.path})"
+            ) from None
+        previous = self._read()
+        if previous:
+            log.warning("took over %s from a process that was killed (%s)", self.path, previous)
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps(record).encode(), 0)
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            return json.loads(os.pread(self._fd, 4096, 0) or b"{}")
+        except (OSError, ValueError):
+            return {"pid": "unknown"}
+
+    def release(self) -> None:
+        """Empty the record (a clean exit), then unlock. Idempotent."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor releases the flock
+            self._fd = None
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    if not holder:
+        return "pid unknown"
+    return f"pid {holder.get('pid', 'unknown')} on {holder.get('host', 'an unknown host')}"
+
+
+def config_changes(saved: Config, current: Config) -> dict[str, tuple[Any, Any]]:
+    """Settings that differ between a checkpoint's config and this run's: key -> (saved, new)."""
+    old, new = _flatten(config_to_dict(saved)), _flatten(config_to_dict(current))
+    keys = sorted(old.keys() | new.keys())
+    return {key: (old.get(key), new.get(key)) for key in keys if old.get(key) != new.get(key)}
+
+
+def _flatten(tree: dict[str, Any]) -> dict[str, Any]:
+    """``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}`` (one level: lists such as routes stay)."""
+    flat = {}
+    for section, values in tree.items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            flat[section] = values
+    return flat
+
+
+def check_changes(changes: dict[str, tuple[Any, Any]], checkpoint: Path, *, allow: bool) -> None:
+    """Refuse changes a resume must not make silently (see :data:`ALLOWED_CHANGES`).
+
+    Raises:
+        ConfigError: one line listing every refused key as ``key: saved -> new``.
+    """
+    refused = sorted(key for key in changes if key not in ALLOWED_CHANGES)
+    if refused and not allow:
+        listed = ", ".join(f"{key}: {changes[key][0]!r} -> {changes[key][1]!r}" for key in refused)
+        raise ConfigError(
+            f"resuming {checkpoint} with changed settings ({listed}); accept them with "
+            "`tread train ... --allow-changes` (train(..., allow_changes=True)) "
+            "or start a new train.run_dir"
+        )
+
+
+def record_changes(
+    run_dir: Path, step: int, checkpoint: Path, changes: dict[str, tuple[Any, Any]]
+) -> None:
+    """Append the resume's changes to ``config_changes.jsonl`` (config.yaml holds the new one)."""
+    if not changes:
+        return
+    row = {
+        "step": step,
+        "time": time.time(),
+        "checkpoint": str(checkpoint),
+        "changes": {key: list(values) for key, values in sorted(changes.items())},
+    }
+    with (run_dir / CHANGES_FILE).open("a") as file:
+        file.write(json.dumps(row) + "\n")

@@ -1,0 +1,199 @@
+"""Everything a training does before its first step: checks and resume first, then writes.
+
+Order matters: no file is written until every check has passed. Rank 0 locks an existing run
+directory before reading it (another training may be writing it) and a new one only once the
+checks have passed, then writes the config and opens the logs; then all ranks join.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Config, config_to_yaml
+from ..data import BatchStream, ImageArrays
+from ..data.loader import Prefetcher
+from ..errors import CheckpointError, ConfigError
+from . import checkpoint as ckpt
+from .builders import build_from_config, objective_from_config
+from .dist import DistInfo, init_process_group
+from .ema import make_ema
+from .metrics_log import MetricsLog
+from .rundir import RunLock, check_changes, check_writable, config_changes, record_changes
+from .state import Clock, LossWindow, RunState
+
+log = logging.getLogger(__name__)
+
+Changes = dict[str, tuple[Any, Any]]
+
+
+def pick_device(name: str, info: DistInfo) -> torch.device:
+    """The device of this rank: ``cuda:{local_rank}`` (made current) or the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cuda":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available")
+    count = torch.cuda.device_count()
+    if info.local_rank >= count:
+        raise ConfigError(
+            f"train.device=cuda: local rank {info.local_rank} but only {count} CUDA devices"
+        )
+    # Make it current, so that code saying just "cuda" (NCCL, new tensors, libraries) uses this
+    # rank's GPU, not GPU 0 on every rank.
+    torch.cuda.set_device(info.local_rank)
+    return torch.device("cuda", info.local_rank)
+
+
+def start_run(
+    config: Config, data: ImageArrays, info: DistInfo, *, allow_changes: bool, progress: bool
+) -> RunState:
+    """Build (and resume) the run of a resolved config; see the module docstring for the order."""
+    tc = config.train
+    device = pick_device(tc.device, info)
+    if tc.batch_size % info.world_size:
+        raise ConfigError(
+            f"train.batch_size={tc.batch_size} is not divisible by the {info.world_size} ranks"
+        )
+    run_dir = Path(tc.run_dir)
+    with ExitStack() as on_error:  # on failure: unlock, close what was opened
+        lock = None
+        if info.is_main:
+            check_writable(run_dir)
+            if run_dir.is_dir():
+                lock = RunLock(run_dir)
+                on_error.callback(lock.release)
+                # Before choosing the checkpoint: this may put back one a kill left aside.
+                ckpt.remove_stale_partials(run_dir)
+        run = _build(config, data, info, device, run_dir)
+        run.lock = lock
+        on_error.callback(run.close)
+        resume_from = _resume_source(config, run_dir)
+        changes = _resume(run, resume_from, allow_changes) if resume_from else {}
+        if info.is_main and run.lock is None:  # a new directory: created only now
+            run.lock = RunLock(run_dir)
+            if ckpt.list_checkpoints(run_dir):
+                raise ConfigError(f"train.run_dir={run_dir} was filled while starting; run again")
+        _open_outputs(run, resume_from, changes, progress)
+        _join_ranks(run)
+        run.batches = Prefetcher(run.stream, device)
+        on_error.pop_all()  # success: from here train() closes the run
+    return run
+
+
+def _build(
+    config: Config, data: ImageArrays, info: DistInfo, device: torch.device, run_dir: Path
+) -> RunState:
+    """Model, EMA, objective, optimizer and data stream of a fresh run."""
+    model = build_from_config(config).to(device)
+    optim = config.optim
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+    )
+    stream = BatchStream(
+        data,
+        batch_size=config.train.batch_size // info.world_size,
+        seed=config.train.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        hflip=config.data.hflip,
+    )
+    objective = objective_from_config(config)
+    ema = make_ema(model)
+    return RunState(config, info, device, model, ema, objective, optimizer, stream, run_dir)
+
+
+def _resume_source(config: Config, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from (None = fresh start)."""
+    existing = ckpt.list_checkpoints(run_dir)
+    resume = config.train.resume
+    if resume == "auto":
+        return existing[-1] if existing else None
+    if resume == "none":
+        if existing:
+            raise ConfigError(
+                f"train.run_dir={run_dir} already holds checkpoints; resume with "
+                "train.resume=auto or choose a new train.run_dir (nothing was overwritten)"
+            )
+        return None
+    return ckpt.resolve_checkpoint(resume)
+
+
+def _resume(run: RunState, checkpoint: Path, allow_changes: bool) -> Changes:
+    """Load a checkpoint into the run after checking that it fits; returns the config changes."""
+    saved = ckpt.read_config(checkpoint)
+    ckpt.read_meta(checkpoint)
+    check_compatible(saved, run.config, checkpoint)
+    changes = config_changes(saved, run.config)
+    check_changes(changes, checkpoint, allow=allow_changes)
+    state = ckpt.load_training_state(checkpoint)
+    ckpt.load_weights(run.model, checkpoint / "model.safetensors")
+    ckpt.load_weights(run.ema, checkpoint / "ema.safetensors")
+    file = checkpoint / "state.pt"
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"optimizer state in {file} does not fit the model: {err}") from None
+    try:
+        run.stream.load_state_dict(state["loop"]["data"])
+    except CheckpointError as err:
+        raise CheckpointError(f"{file}: {err}") from None
+    loop = state["loop"]
+    run.step = loop["step"]
+    run.clock = Clock(float(loop.get("elapsed", 0.0)), float(loop.get("side", 0.0)))
+    run.last_checkpoint = checkpoint
+    log.info("resumed from %s at step %d", checkpoint, run.step)
+    return changes
+
+
+def check_compatible(saved: Config, current: Config, source: Path) -> None:
+    """Refuse a checkpoint of another model, objective or dataset."""
+    for section in ("model", "objective", "data"):
+        a, b = getattr(saved, section), getattr(current, section)
+        if a != b:
+            diff = [k for k in vars(a) if getattr(a, k) != getattr(b, k)]
+            raise CheckpointError(
+                f"checkpoint {source} was trained with a different {section} config "
+                f"({', '.join(f'{section}.{k}' for k in diff)}); use a new train.run_dir"
+            )
+
+
+def _open_outputs(
+    run: RunState, resume_from: Path | None, changes: Changes, progress: bool
+) -> None:
+    """Rank 0 writes the run's config (recording resume changes), opens the logs and the bar."""
+    run.window = LossWindow(run.device, run.step, run.clock.side)
+    if not run.info.is_main:
+        return
+    tc = run.config.train
+    resume_step = run.step if resume_from else None
+    run.metrics = MetricsLog(run.run_dir, resume_step=resume_step, tensorboard=tc.tensorboard)
+    if resume_from is not None:
+        record_changes(run.run_dir, run.step, resume_from, changes)
+    (run.run_dir / "config.yaml").write_text(config_to_yaml(run.config))
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = tc.steps if tc.max_minutes is None else None  # projected after the first log
+        run.bar = tqdm(total=total, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _join_ranks(run: RunState) -> None:
+    """Join the process group; wrap the model for DDP and torch.compile."""
+    timeout = run.config.train.dist_timeout_minutes
+    run.host_group = init_process_group(run.info, run.device, timeout_minutes=timeout)
+    net: nn.Module = run.model
+    if run.info.enabled:
+        ids = [run.device.index] if run.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
+    run.net = torch.compile(net) if run.config.train.compile else net
