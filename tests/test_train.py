@@ -426,3 +426,20 @@ def test_clock_stamp_never_puts_training_time_past_elapsed():
     for _ in range(100):
         stamp = clock.stamp()
         assert stamp["elapsed_s"] == stamp["train_s"] >= 5.0
+
+
+def test_resume_accepts_a_checkpoint_saved_before_architecture_fields_were_resolved(tmp_path):
+    """Older checkpoints hold ``model.depth: null`` where the registry's value applied."""
+    import json
+
+    cfg = tiny_config(
+        tmp_path / "old", "train.steps=2", "train.ckpt_every=2", "model.mlp_ratio=null"
+    )
+    first = train(cfg, progress=False)
+    file = first.checkpoint / "config.json"
+    saved = json.loads(file.read_text())
+    assert saved["model"]["mlp_ratio"] == 4.0  # resolved from the registry when saved
+    saved["model"]["mlp_ratio"] = None  # as the code before the resolved config wrote it
+    file.write_text(json.dumps(saved))
+    resumed = train(tiny_config(tmp_path / "old", "train.steps=3"), progress=False)
+    assert resumed.step == 3

@@ -7,6 +7,8 @@ checks have passed, then writes the config and opens the logs; then all ranks jo
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from contextlib import ExitStack
 from pathlib import Path
@@ -132,6 +134,9 @@ def _resume_source(config: Config, run_dir: Path) -> Path | None:
 def _resume(run: RunState, checkpoint: Path, allow_changes: bool) -> Changes:
     """Load a checkpoint into the run after checking that it fits; returns the config changes."""
     saved = ckpt.read_config(checkpoint)
+    # Configs saved before architecture fields were resolved hold None where the registry's
+    # value applies: fill them the same way before comparing.
+    saved = dataclasses.replace(saved, model=saved.model.with_architecture())
     ckpt.read_meta(checkpoint)
     check_compatible(saved, run.config, checkpoint)
     changes = config_changes(saved, run.config)
