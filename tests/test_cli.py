@@ -29,6 +29,11 @@ TINY = [
     "eval.every=0",
 ]
 
+HEADER = (
+    "# DiT-S/2 registry entry with depth 8, width 128, 4 heads; "
+    "tokens: 64 (8x8, patch 1); routes: r(2→4, 0.5)"
+)
+
 
 def error_line(capsys, command: str) -> str:
     """The single stderr line of a refused command, without its ``tread CMD: error:`` prefix."""
@@ -47,7 +52,7 @@ def test_dry_run_override_after_flag_prints_resolved_config(tmp_path, capsys):
     code = main(["train", "--dry-run", "train.steps=5", f"train.run_dir={run_dir}"])
     assert code == 0
     out = capsys.readouterr().out
-    assert out.startswith("# tokens: 64 (8x8, patch 1); depth: 8; routes: r(2→4, 0.5)\n")
+    assert out.startswith(HEADER + "\n")
     for line in ("  steps: 5", "  depth: 8", "  width: 128", "  heads: 4", "  patch_size: 1"):
         assert f"\n{line}\n" in out, line
     for line in ("  input_size: 8", "  in_channels: 1", "  num_classes: 10", "  mlp_ratio: 4.0"):
@@ -112,7 +117,7 @@ def test_every_preset_passes_dry_run(name, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["train", name, "--dry-run", f"train.run_dir={run_dir}"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("# tokens: ") and "depth: null" not in out
+    assert out.startswith("# ") and "tokens: " in out.splitlines()[0] and "depth: null" not in out
     assert not run_dir.exists()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 import pytest
 import torch
@@ -15,16 +14,24 @@ from tread.errors import ConfigError
 def test_auto_threads_leaves_busy_cores_free(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(common, "_available_cores", lambda: 8)
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.2, 0.0, 0.0))
+    monkeypatch.setattr(common, "busy_cores", lambda: 3)
     assert common.auto_threads() == 5
-    monkeypatch.setattr(os, "getloadavg", lambda: (11.0, 0.0, 0.0))
+    monkeypatch.setattr(common, "busy_cores", lambda: 11)
     assert common.auto_threads() == 1  # an overloaded machine still gets one thread
+
+
+def test_busy_cores_counts_other_runnable_tasks_and_ignores_blips(monkeypatch):
+    from pathlib import Path
+
+    reads = iter(["0.5 0.4 0.3 3/200 99", "0.5 0.4 0.3 2/200 99", "0.5 0.4 0.3 4/200 99"])
+    monkeypatch.setattr(Path, "read_text", lambda self: next(reads))
+    assert common.busy_cores(samples=3, interval=0) == 1  # min runnable 2, minus this process
 
 
 def test_auto_threads_respects_omp_num_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     monkeypatch.setattr(common, "_available_cores", lambda: 8)
-    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 0.0, 0.0))
+    monkeypatch.setattr(common, "busy_cores", lambda: 7)
     assert common.auto_threads() == 3
 
 

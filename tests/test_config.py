@@ -35,6 +35,11 @@ from tread.transport.types import ObjectiveName
 
 PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
+HEADER = (
+    "# DiT-S/2 registry entry with depth 8, width 128, 4 heads; "
+    "tokens: 64 (8x8, patch 1); routes: r(2→4, 0.5)"
+)
+
 
 def test_presets_exist():
     assert {"digits_dit", "digits_tread"} <= set(PRESETS)
@@ -212,7 +217,7 @@ def test_resolved_config_fills_registry_and_data_values():
     assert model.mlp_ratio == MODEL_CONFIGS["DiT-S/2"].mlp_ratio
     assert (model.input_size, model.in_channels, model.num_classes) == (8, 1, 10)
     text = config_to_yaml(config)
-    assert text.splitlines()[0] == "# tokens: 64 (8x8, patch 1); depth: 8; routes: r(2→4, 0.5)"
+    assert text.splitlines()[0] == HEADER
     assert "null" not in yaml.safe_dump(config_to_dict(config)["model"])
     # Resolving again changes nothing (the loop may resolve a config --dry-run resolved).
     assert resolve_run(config) == config

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
+from pathlib import Path
 
 import torch
 
@@ -55,24 +57,43 @@ def _available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def busy_cores(samples: int = 5, interval: float = 0.01) -> int:
+    """Cores other processes keep busy right now: the fewest runnable tasks over a few quick
+    looks at ``/proc/loadavg`` (field 4, ``running/total``), minus this process.
+
+    The minimum ignores short blips and keeps competitors that are always runnable; unlike the
+    load average it does not lag behind by a minute. Off Linux: the 1-minute load average.
+    """
+    counts = []
+    for _ in range(samples):
+        try:
+            running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
+            counts.append(int(running) - 1)
+        except (OSError, IndexError, ValueError):
+            break
+        time.sleep(interval)
+    if counts:
+        return max(0, min(counts))
+    try:
+        return round(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return 0
+
+
 def auto_threads() -> int:
     """A thread count that does not collapse when other processes share the CPU.
 
     OpenMP threads spin while they wait for each other; when another process holds a core, a
     team as large as the machine stalls on it (measured on a 2-core VM: ``tread sample --count
     1`` took 23 s with 2 threads and 1.9 s with 1). So ``auto`` takes the cores this process may
-    use minus the cores already busy (1-minute load average), at least 1. An explicit
+    use minus the cores other processes keep busy (:func:`busy_cores`), at least 1. An explicit
     ``OMP_NUM_THREADS`` wins.
     """
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
     cores = _available_cores()
-    try:
-        busy = round(os.getloadavg()[0])
-    except (AttributeError, OSError):
-        busy = 0
-    return max(1, min(cores, cores - busy))
+    return max(1, min(cores, cores - busy_cores()))
 
 
 def set_threads(threads: int | None) -> int:

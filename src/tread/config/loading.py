@@ -166,17 +166,21 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 
 
 def describe_resolved(config: Config) -> str:
-    """One line on what the config builds, e.g. ``tokens: 64 (8x8, patch 1); routes: r(2→4, 0.5)``.
+    """One line on what the config builds, e.g. ``DiT-S/2 registry entry with depth 8, width
+    128, 4 heads; tokens: 64 (8x8, patch 1); routes: r(2→4, 0.5)``.
 
-    The token count needs ``model.input_size`` (known once the data is loaded); without it only
-    the routes are described.
+    The registry name alone would mislead when the config overrides its size (the digits model
+    is a DiT-S/2 entry cut to 8 blocks of width 128), so the real size is always spelled out.
+    The token count needs ``model.input_size`` (known once the data is loaded).
     """
     arch = config.model.architecture()
-    parts = []
+    parts = [
+        f"{config.model.name} registry entry with depth {arch['depth']}, width {arch['width']}, "
+        f"{arch['heads']} heads"
+    ]
     if config.model.input_size is not None:
         side = config.model.input_size // arch["patch_size"]
         parts.append(f"tokens: {side * side} ({side}x{side}, patch {arch['patch_size']})")
-    parts.append(f"depth: {arch['depth']}")
     parts.append(f"routes: {describe_routes(config.routes(), arch['depth'])}")
     return "; ".join(parts)
 
