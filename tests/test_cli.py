@@ -83,6 +83,13 @@ def test_dry_run_refuses_bad_config_in_one_line(tmp_path, capsys, override, mess
     assert not run_dir.exists()
 
 
+def test_dry_run_refuses_a_run_dir_under_a_file(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", "--dry-run", f"train.run_dir={blocker / 'run'}"]) == 2
+    assert f"{blocker} is a file, not a directory" in error_line(capsys, "train")
+
+
 def test_train_refuses_num_classes_before_writing(tmp_path, capsys):
     # Without --dry-run too: the check runs before the run directory is created.
     run_dir = tmp_path / "run"
@@ -175,6 +182,9 @@ def test_sample_refuses_unwritable_places(run_dir, tmp_path, capsys, monkeypatch
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert main(sample_args(run_dir, blocker / "grid.png")) == 2
+    assert f"{blocker} is a file" in error_line(capsys, "sample")
+    # A missing folder followed by ".." must not hide the file behind it.
+    assert main(sample_args(run_dir, tmp_path / "missing" / ".." / "file" / "grid.png")) == 2
     assert f"{blocker} is a file" in error_line(capsys, "sample")
     # A read-only directory (simulated: the tests may run as root, who may write anywhere).
     readonly = tmp_path / "readonly"

@@ -97,8 +97,12 @@ def test_overrides_refused_for_commands_without_config(capsys):
     assert "unrecognized arguments: train.steps=5" in capsys.readouterr().err
 
 
-def test_help_shows_defaults():
+def test_help_shows_every_default():
     from tread.cli import build_parser
 
-    sub = build_parser()._subparsers._group_actions[0].choices["sample"]  # noqa: SLF001
-    assert "(default: 100)" in sub.format_help().replace("\n", " ")
+    commands = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001
+    for name, parser in commands.items():
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:  # noqa: SLF001
+            if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
+                assert f"default: {action.default}" in text, (name, action.option_strings)

@@ -137,7 +137,7 @@ def check_sample_output(out: str | Path, *, overwrite: bool = False) -> OutputKi
         ConfigError: an unknown suffix, an existing file without ``overwrite``, a non-empty
             directory, or a place that cannot be written.
     """
-    out = Path(out)
+    out = Path(os.path.normpath(out))  # "missing/../file/x.png" is judged as "file/x.png"
     kind = OUTPUT_SUFFIXES.get(out.suffix.lower())
     if kind is None:
         raise ConfigError(

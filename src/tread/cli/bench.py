@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "medians of repeats; the speed-up is shown beside the ideal from the cost model.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--models", nargs="+", default=["DiT-S/2", "DiT-B/2"])
+    p.add_argument("--models", nargs="+", default=["DiT-S/2", "DiT-B/2"], help="registry names")
     p.add_argument(
         "--input-sizes",
         nargs="+",
@@ -26,10 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=[32],
         help="latent sides (32 = 256 tokens at patch 2)",
     )
-    p.add_argument("--batch", type=positive_int, default=32)
-    p.add_argument("--route-start", type=int, default=2)
-    p.add_argument("--route-end", type=int, default=-4)
-    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--batch", type=positive_int, default=32, help="images per step")
+    p.add_argument("--route-start", type=int, default=2, help="first routed block")
+    p.add_argument(
+        "--route-end", type=int, default=-4, help="last routed block (negative: from the end)"
+    )
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction of tokens that skip")
     p.add_argument(
         "--precision",
         choices=("fp32", "bf16"),
@@ -37,9 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="default: bf16 autocast on CUDA, fp32 on CPU",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile both arms")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=positive_int, default=5)
-    p.add_argument("--steps-per-repeat", type=positive_int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first")
+    p.add_argument(
+        "--repeats", type=positive_int, default=5, help="timed rounds (the median is reported)"
+    )
+    p.add_argument("--steps-per-repeat", type=positive_int, default=2, help="steps per timed round")
     p.add_argument("--json", default=None, help="write results as JSON here")
     add_runtime_options(p)
     p.set_defaults(func=run)

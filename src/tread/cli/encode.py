@@ -29,8 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output .npz")
     add_vae_option(p, "encode with")
     p.add_argument("--resolution", type=positive_int, default=256, help="resize + crop side")
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per VAE call")
+    p.add_argument(
+        "--dtype", choices=("float16", "float32"), default="float16", help="stored latents"
+    )
     p.add_argument("--hflip", action="store_true", help="also store latents of mirrored images")
     p.add_argument("--workers", type=int, default=4, help="image-decoding threads")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")

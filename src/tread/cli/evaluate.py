@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     p.add_argument("checkpoint", help="checkpoint directory or run directory")
-    p.add_argument("--num-samples", type=positive_int, default=1000)
+    p.add_argument(
+        "--num-samples", type=positive_int, default=1000, help="samples generated and scored"
+    )
     p.add_argument(
         "--feature-net",
         default=None,
@@ -62,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", default=None, help="default: the run's sample.sampler")
     p.add_argument("--steps", type=positive_int, default=None, help="default: the run's")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256, help="samples per sampler call")
     p.add_argument("--out", default=None, help="JSON output (default: RUN_DIR/eval/...)")
     add_vae_option(p)
     add_runtime_options(p)

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", default=None, help="edm_heun | flow_euler | flow_heun | ...")
     p.add_argument("--steps", type=positive_int, default=None, help="solver steps")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed+i")
-    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256, help="samples per sampler call")
     p.add_argument(
         "--nrow",
         type=positive_int,

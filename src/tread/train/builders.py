@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -138,11 +139,15 @@ def prepare_run(config: Config) -> tuple[Config, ImageArrays]:
     Loads the dataset, fills what the config leaves to the data (input size, channels,
     classes) and to the registry (depth, width, heads, patch size, MLP ratio), and checks
     that the model fits the data. The resolved config is what ``--dry-run`` prints and the
-    run saves. (The in-loop evaluation's settings are checked when its hook is created.)
+    run saves. The run directory must be creatable and writable. (The in-loop evaluation's
+    settings are checked when its hook is created.)
 
     Raises:
         ConfigError / DataError: the first problem found, naming the key, file or value.
     """
+    from .rundir import check_writable  # local: rundir is a training-loop module
+
+    check_writable(Path(config.train.run_dir))  # a run_dir under a file fails here, not later
     data = load_data(config)
     resolved = with_data_shape(config, data)
     if resolved.model.num_classes != data.num_classes:

@@ -8,7 +8,6 @@ checks have passed, then writes the config and opens the logs; then all ranks jo
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 from contextlib import ExitStack
 from pathlib import Path
