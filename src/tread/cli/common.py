@@ -16,8 +16,6 @@ import torch
 from ..errors import ConfigError
 from ..train.dist import DistInfo
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-
 
 def dist_info() -> DistInfo:
     """This process's place in a torchrun job (a single process without torchrun)."""
@@ -115,7 +113,7 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
         ConfigError: an unknown device, or CUDA asked for where there is none.
     """
     name = (name or "auto").strip().lower()
-    if name == "auto":
+    if name == "auto":  # the names of config.TrainDevice, plus cuda:N
         name = "cuda" if torch.cuda.is_available() else "cpu"
     kind, _, index = name.partition(":")
     if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
