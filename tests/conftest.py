@@ -12,6 +12,17 @@ import tread
 torch.set_num_threads(1)
 
 
+# Config overrides for a tiny routed DiT on digits (3 blocks, width 32, 16 tokens): the model
+# part of every test that trains through the config path.
+TINY_MODEL = [
+    "model.depth=3",
+    "model.width=32",
+    "model.heads=2",
+    "model.patch_size=2",
+    "model.routes=[{start: 1, end: 1, ratio: 0.5}]",
+]
+
+
 def tiny_dit(**overrides):
     """A 4-block, width-32 DiT on 8x8x1 inputs with 10 classes (16 tokens at patch 2)."""
     options = dict(input_size=8, in_channels=1, num_classes=10, depth=4, width=32, heads=2)

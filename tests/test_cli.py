@@ -17,12 +17,10 @@ from tread.config import PRESET_DIR, load_config
 from tread.data.idx import IDX_SEARCH_DIRS
 from tread.train import train
 
+from conftest import TINY_MODEL
+
 TINY = [
-    "model.depth=3",
-    "model.width=32",
-    "model.heads=2",
-    "model.patch_size=2",
-    "model.routes=[{start: 1, end: 1, ratio: 0.5}]",
+    *TINY_MODEL,
     "train.batch_size=16",
     "train.sample_every=0",
     "train.max_minutes=null",

@@ -30,13 +30,9 @@ from tread.compare import (
 )
 from tread.config import config_to_yaml, load_config
 
-TINY = [
-    "model.depth=3",
-    "model.width=32",
-    "model.heads=2",
-    "model.patch_size=2",
-    "model.routes=[{start: 1, end: 1, ratio: 0.5}]",
-]
+from conftest import TINY_MODEL
+
+TINY = TINY_MODEL
 SHAPE = ["model.input_size=8", "model.in_channels=1", "model.num_classes=10"]  # as resolved
 
 

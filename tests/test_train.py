@@ -21,12 +21,10 @@ from tread.train import DistInfo, NonFiniteLossError, train
 from tread.train import checkpoint as ckpt
 from tread.train.builders import build_from_config
 
+from conftest import TINY_MODEL
+
 TINY = [
-    "model.depth=3",
-    "model.width=32",
-    "model.heads=2",
-    "model.patch_size=2",
-    "model.routes=[{start: 1, end: 1, ratio: 0.5}]",
+    *TINY_MODEL,
     "train.batch_size=16",
     "train.log_every=1",
     "train.sample_every=0",

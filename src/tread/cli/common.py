@@ -148,6 +148,17 @@ def add_runtime_options(parser: argparse.ArgumentParser, *, device: bool = True)
         )
 
 
+def load_run_config(args: argparse.Namespace):
+    """The config of ``tread train`` / ``compare``: preset + overrides, ``--threads`` as the
+    ``train.num_threads`` override (so it is validated and saved like any other key)."""
+    from ..config import load_config, split_config_args
+
+    preset, overrides = split_config_args(args.config)
+    if args.threads:
+        overrides.append(f"train.num_threads={args.threads}")
+    return load_config(preset, overrides)
+
+
 def vae_path(args: argparse.Namespace) -> str | None:
     """``--vae``, else the TREAD_VAE environment variable."""
     return getattr(args, "vae", None) or os.environ.get("TREAD_VAE") or None

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from ..compare import EVAL_POINTS
-from .common import HelpFormatter, add_runtime_options, positive_int, set_threads
+from .common import HelpFormatter, add_runtime_options, load_run_config, positive_int, set_threads
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,14 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import compare
-    from ..config import load_config, split_config_args
     from ..train import resolve_run, train
     from ..train.evaluation import default_eval_hook, eval_device
 
-    preset, overrides = split_config_args(args.config)
-    if args.threads:
-        overrides.append(f"train.num_threads={args.threads}")
-    config = load_config(preset, overrides)
+    config = load_run_config(args)
     set_threads(config.train.num_threads)
     out = Path(args.out)
     minutes = None if args.steps else args.minutes

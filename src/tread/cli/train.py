@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .common import HelpFormatter, add_runtime_options, dist_info, set_tf32, set_threads
+from .common import (
+    HelpFormatter,
+    add_runtime_options,
+    dist_info,
+    load_run_config,
+    set_tf32,
+    set_threads,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,12 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import config_to_yaml, load_config, split_config_args
+    from ..config import config_to_yaml
 
-    preset, overrides = split_config_args(args.config)
-    if args.threads:
-        overrides.append(f"train.num_threads={args.threads}")
-    config = load_config(preset, overrides)
+    config = load_run_config(args)
     info = dist_info()
     hook = None
     if config.eval.every:
