@@ -100,8 +100,7 @@ def default_out(checkpoint: Path, step: int, net: str, args: argparse.Namespace,
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval import finite_metrics, inception_weights_from_env, sample_size_warnings
-    from ..eval.stats import atomic_open
+    from ..eval import inception_weights_from_env
     from ..generate import latent_decoder_for
     from ..train.checkpoint import load_for_inference, resolve_checkpoint
     from ..train.dist import init_process_group
@@ -167,10 +166,6 @@ def run(args: argparse.Namespace) -> int:
     if not info.is_main:
         return 0
     assert net is not None and reference is not None and out is not None
-    scores, warnings = finite_metrics(result)
-    warnings += sample_size_warnings(args.num_samples, reference, metrics)
-    for message in warnings:
-        logger.warning(message)
     record = {
         "checkpoint": str(checkpoint),
         "step": step,
@@ -179,10 +174,29 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         **({"vae": str(vae)} if decode else {}),
         **settings,
-        "metrics": scores,
-        "warnings": warnings,
-        "seconds": time.perf_counter() - start,
     }
+    _write_record(out, record, result, reference, metrics, seconds=time.perf_counter() - start)
+    return 0
+
+
+def _write_record(
+    out: Path,
+    record: dict[str, Any],
+    result: dict[str, float],
+    reference: Any,
+    metrics: list[str],
+    *,
+    seconds: float,
+) -> None:
+    """Add the scores and warnings to the record, write it atomically as strict JSON, print."""
+    from ..eval import finite_metrics, sample_size_warnings
+    from ..eval.stats import atomic_open
+
+    scores, warnings = finite_metrics(result)  # a NaN becomes null plus a warning
+    warnings += sample_size_warnings(record["num_samples"], reference, metrics)
+    for message in warnings:
+        logger.warning(message)
+    record = {**record, "metrics": scores, "warnings": warnings, "seconds": seconds}
     text = json.dumps(record, indent=2, allow_nan=False)  # NaN is not JSON: refuse it
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -190,8 +204,7 @@ def run(args: argparse.Namespace) -> int:
             handle.write(text.encode())
     except OSError as err:
         raise ConfigError(f"cannot write {out}: {err.strerror or err}") from None
-    print(f"step {step} | {_summary(scores, record)} -> {out}")
-    return 0
+    print(f"step {record['step']} | {_summary(scores, record)} -> {out}")
 
 
 def _check_out(out: Path) -> None:
