@@ -157,11 +157,30 @@ def to_object(cfg: Any) -> Config:
         raise _wrap(err, "config") from None
 
 
+# Keys that only matter once a feature is switched on; left out of saved configs while it is
+# off (loading fills their defaults back in), so a plain run's config.yaml stays short.
+_ROUTE_SCHEDULE_KEYS = ("schedule", "ratio_final", "schedule_steps")  # off: schedule constant
+_SPARSE_GUIDANCE_KEYS = ("sg_strong_ratio", "sg_weak_ratio", "sg_route")  # off: mode cfg
+_FINETUNE_KEYS = ("finetune_from", "finetune_lr")  # off: finetune_from None
+
+
 def config_to_dict(config: Config) -> dict[str, Any]:
-    """Plain dict of a config (for JSON/YAML), without the keys its objective does not read."""
+    """Plain dict of a config (for JSON/YAML), without the keys nothing reads: the other
+    objective's, and those of features that are off (route schedules, sparse guidance, the
+    dense fine-tune phase)."""
     data = dataclasses.asdict(config)
     for key in inactive_objective_keys(config.objective.name):
         data["objective"].pop(key, None)
+    for route in data["model"]["routes"]:
+        if route["schedule"] == "constant" and route["ratio_final"] is None:
+            for key in _ROUTE_SCHEDULE_KEYS:
+                route.pop(key)
+    if data["sample"]["guidance_mode"] == "cfg":
+        for key in _SPARSE_GUIDANCE_KEYS:
+            data["sample"].pop(key)
+    if data["train"]["finetune_from"] is None and data["train"]["finetune_lr"] is None:
+        for key in _FINETUNE_KEYS:
+            data["train"].pop(key)
     return data
 
 

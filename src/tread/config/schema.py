@@ -75,7 +75,13 @@ class RouteConfig:
 
     start: int = 2
     end: int = -4
-    ratio: float = 0.5
+    ratio: float = 0.5  # skip ratio (the schedule's value at step 0)
+    # Ratio schedule over training steps: "constant" keeps ``ratio``; "linear" / "cosine" go
+    # from ``ratio`` at step 0 to ``ratio_final`` at ``schedule_steps`` (None = train.steps)
+    # and stay there. Each step uses one ratio for the whole batch (static shapes).
+    schedule: str = "constant"
+    ratio_final: float | None = None
+    schedule_steps: int | None = None
 
     def to_route(self, index: int | None = None) -> Route:
         where = "model.routes" if index is None else f"model.routes.{index}"
@@ -275,8 +281,15 @@ class SampleConfig:
 
     sampler: str = "edm_heun"
     steps: int = 18
-    guidance: float = 1.0
+    guidance: float = 1.0  # the guidance weight: CFG scale s, or SG's omega; 1 = off
     guidance_interval: list[float] | None = None  # [lo, hi] in the sampler's time variable
+    # "cfg": uncond + s (cond - uncond). "sg" (sparse guidance): omega D(c; strong) +
+    # (1 - omega) D(c; weak), the weak branch routed at a higher skip ratio. "cfg+sg": the weak
+    # branch is also unconditional.
+    guidance_mode: str = "cfg"
+    sg_strong_ratio: float = 0.0  # skip ratio of the strong branch (0 = dense)
+    sg_weak_ratio: float | None = None  # skip ratio of the weak branch; None = training ratio
+    sg_route: list[int] | None = None  # [start, end] of the sparse branches; None = training's
     seed: int = 0
     grid_size: int = 100  # images in each periodic grid (labels cycle through the classes)
 
@@ -353,6 +366,10 @@ class TrainConfig:
     # How long ranks wait for each other in a collective (e.g. while rank 0 scores an
     # evaluation) before torch.distributed gives up: generous, a hang still ends.
     dist_timeout_minutes: float = 60.0
+    # Dense fine-tune phase (the paper's "(F)"): from this step on, routing is off and the
+    # learning rate is ``finetune_lr`` (None = keep optim.lr). None = no such phase.
+    finetune_from: int | None = None
+    finetune_lr: float | None = None
 
     def __post_init__(self) -> None:
         if not self.run_dir:
