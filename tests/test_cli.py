@@ -239,3 +239,49 @@ def test_sample_refuses_unavailable_device(run_dir, tmp_path, capsys, device):
     message = error_line(capsys, "sample")
     assert message.startswith(f"--device {device!r}" if device == "tpu" else "--device cuda: no")
     assert not out.exists()
+
+
+def test_sample_prints_guidance_nfe_and_flops(run_dir, tmp_path, capsys):
+    from tread.cost import forward_flops
+    from tread.routing import Route
+    from tread.train import load_for_inference
+
+    model, _, _ = load_for_inference(run_dir)
+    dense, routed = forward_flops(model), forward_flops(model, [Route(1, 1, 0.5)])
+    evaluations = 2 * 2 - 1  # edm_heun with 2 steps
+    expected = {
+        (): f"guidance cfg 1 | NFE/image {evaluations}, GFLOPs/image "
+        f"{evaluations * dense / 1e9:.4g}",
+        ("--guidance", "2"): f"guidance cfg 2 | NFE/image {2 * evaluations}, GFLOPs/image "
+        f"{2 * evaluations * dense / 1e9:.4g}",
+        ("--guidance", "2", "--guidance-mode", "sg"): "guidance sg 2 (0→0.5 on 1..1) | "
+        f"NFE/image {2 * evaluations}, GFLOPs/image {evaluations * (dense + routed) / 1e9:.4g}",
+    }
+    for flags, ending in expected.items():
+        assert main(sample_args(run_dir, tmp_path / "s.npz", "--overwrite", *flags)) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert line.startswith("wrote 4 samples from step 1") and line.endswith(ending), line
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--guidance-mode", "sgx"], "--guidance-mode 'sgx': 'sgx' is not one of cfg, sg, cfg+sg"),
+        (["--guidance", "1,2"], "--guidance takes one value here; sweeps are for tread eval"),
+        (["--guidance", "x"], "--guidance 'x': expected comma-separated numbers"),
+        (["--guidance", "-1"], "sample.guidance=-1.0 must be >= 0"),
+        (["--guidance-mode", "sg", "--sg-strong", "0.5"], "below the weak ratio 0.5"),
+        (["--guidance-mode", "sg", "--sg-weak", "1"], "sample.sg_weak_ratio=1.0 (--sg-weak)"),
+        (["--guidance-mode", "sg", "--sg-weak", "0.2,0.3"], "--sg-weak '0.2,0.3': expected one"),
+        (["--guidance-mode", "sg", "--sg-route", "0,3"], "outside the model's 3 blocks"),
+        (["--guidance-mode", "sg", "--sg-route", "1"], "--sg-route '1': expected START,END"),
+        (["--sg-weak", "0.7"], "--sg-weak applies to --guidance-mode sg or cfg+sg"),
+        (["--guidance-interval", "1,2,3"], "--guidance-interval '1,2,3': expected LO,HI"),
+        (["--guidance-interval", "3,1"], "sample.guidance_interval=[3.0, 1.0]"),
+    ],
+)
+def test_sample_refuses_bad_guidance_before_sampling(run_dir, tmp_path, capsys, flags, message):
+    out = tmp_path / "s.npz"
+    assert main(sample_args(run_dir, out, *flags)) == 2
+    assert message in error_line(capsys, "sample")
+    assert not out.exists()

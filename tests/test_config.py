@@ -28,6 +28,7 @@ from tread.data import SPLITS
 from tread.data.digits import Split
 from tread.errors import ConfigError
 from tread.models import MODEL_CONFIGS
+from tread.routing.schedule import RatioSchedule
 from tread.sampling import SAMPLERS
 from tread.train import prepare_run, resolve_run
 from tread.transport.flow import TimeSampling
@@ -274,3 +275,86 @@ def test_bad_files_are_refused(tmp_path):
     assert load_config(child).model.width == load_config("digits_dit").model.width
     with pytest.raises(ConfigError, match="saved config must be a mapping"):
         config_from_dict([])
+
+
+# --- Route ratio schedules and the dense fine-tune phase (issue 12, item 5) -------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.routes.0.schedule=linearr"], "model.routes.0.schedule='linearr' is not one of"),
+        (["model.routes.0.schedule=cosine"], "model.routes.0.schedule='cosine' needs model.routes"),
+        (
+            ["model.routes.0.schedule=linear", "model.routes.0.ratio_final=1.0"],
+            r"model.routes.0.ratio_final=1.0 must be in \[0, 1\)",
+        ),
+        (
+            ["model.routes.0.schedule=linear", "model.routes.0.ratio_final=-0.1"],
+            r"model.routes.0.ratio_final=-0.1 must be in \[0, 1\)",
+        ),
+        (
+            ["model.routes.0.schedule=linear", "model.routes.0.ratio_final=.nan"],
+            r"model.routes.0.ratio_final=nan must be in \[0, 1\)",
+        ),
+        (
+            [
+                "model.routes.0.schedule=linear",
+                "model.routes.0.ratio_final=0.2",
+                "model.routes.0.schedule_steps=0",
+            ],
+            "model.routes.0.schedule_steps=0 must be >= 1",
+        ),
+        (["model.routes.0.ratio_final=0.3"], "model.routes.0.ratio_final=0.3 needs model.routes"),
+        (["model.routes.0.schedule_steps=10"], "model.routes.0.schedule_steps=10 needs model"),
+        (["train.finetune_from=0"], "train.finetune_from=0 must be >= 1"),
+        (["train.finetune_from=5000"], "train.finetune_from=5000 is past train.steps=1000"),
+        (["train.finetune_from=10", "train.finetune_lr=0"], r"train.finetune_lr=0.0 must be > 0"),
+        (["train.finetune_from=10", "train.finetune_lr=-1e-5"], "train.finetune_lr=-1e-05 must"),
+        (["train.finetune_lr=1e-5"], "train.finetune_lr=1e-05 needs train.finetune_from"),
+        (
+            ["model.routes=[]", "train.finetune_from=10"],
+            "train.finetune_from=10 does nothing: model.routes is empty",
+        ),
+    ],
+)
+def test_bad_schedule_and_finetune_settings_are_refused_in_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config("digits_tread", overrides)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("schedule", get_args(RatioSchedule))
+def test_every_ratio_schedule_loads_and_round_trips(schedule):
+    extra = [] if schedule == "constant" else ["model.routes.0.ratio_final=0.25"]
+    config = load_config(
+        "digits_tread",
+        [f"model.routes.0.schedule={schedule}", *extra, "train.finetune_from=900"],
+    )
+    assert config.model.routes[0].schedule == schedule
+    saved = config_to_dict(config)
+    # The schedule keys are saved once a schedule is on; the fine-tune keys once it is set.
+    assert ("schedule" in saved["model"]["routes"][0]) == (schedule != "constant")
+    assert saved["train"]["finetune_from"] == 900 and saved["train"]["finetune_lr"] is None
+    assert config_from_dict(yaml.safe_load(config_to_yaml(config))) == config
+
+
+def test_finetune_of_a_dense_run_needs_a_rate_and_gets_it():
+    """A dense twin may share the fine-tune phase's rate change (routing is already off)."""
+    config = load_config("digits_dit", ["train.finetune_from=500", "train.finetune_lr=1e-5"])
+    assert config.model.routes == []
+    assert config.train.in_finetune(500) and not config.train.in_finetune(499)
+    assert config.train.finetune_lr == 1e-5
+
+
+def test_cli_dry_run_refuses_a_bad_schedule_before_writing(tmp_path, capsys):
+    from tread.cli import main
+
+    run_dir = tmp_path / "run"
+    code = main(
+        ["train", "--dry-run", "model.routes.0.schedule=linear", f"train.run_dir={run_dir}"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "model.routes.0.schedule='linear' needs model.routes.0.ratio_final" in err
+    assert not run_dir.exists()

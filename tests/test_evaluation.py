@@ -292,3 +292,57 @@ def test_eval_hook_refuses_bad_settings_at_creation(trained, tmp_path):
     with pytest.raises(DataError, match="Inception weights not given"):
         default_eval_hook(inception)
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_guidance_sweep_writes_records_table_and_figure(trained, tmp_path, capsys):
+    from tread.cost import forward_flops
+    from tread.routing import Route
+
+    model, _, _ = load_for_inference(trained.run_dir)
+    dense, routed = forward_flops(model), forward_flops(model, [Route(1, 2, 0.5)])
+    out = tmp_path / "sweep.json"
+    args = ["eval", str(trained.run_dir), "--num-samples", "40", "--steps", "4", "--seed", "2"]
+    args += ["--metrics", "fd,acc", "--guidance", "1,2", "--guidance-mode", "cfg,sg"]
+    assert cli_main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert sum("NFE/image" in line and "GFLOPs/image" in line for line in printed) == 4
+    assert printed[-1].startswith("sweep of 4 points -> ")
+    records = {
+        (mode, weight): _strict_json(tmp_path / f"sweep_{mode}_g{weight}.json")
+        for mode in ("cfg", "sg")
+        for weight in (1, 2)
+    }
+    evaluations = 2 * 4 - 1  # edm_heun with 4 steps
+    cfg1, cfg2, sg1, sg2 = (records[k] for k in [("cfg", 1), ("cfg", 2), ("sg", 1), ("sg", 2)])
+    assert cfg1["guidance_mode"] == "cfg" and "sg_weak_ratio" not in cfg1
+    assert (sg2["sg_strong_ratio"], sg2["sg_weak_ratio"], sg2["sg_route"]) == (0.0, 0.5, [[1, 2]])
+    assert cfg1["nfe_per_image"] == evaluations and cfg2["nfe_per_image"] == 2 * evaluations
+    assert cfg2["flops_per_image"] == 2 * evaluations * dense
+    assert sg2["flops_per_image"] == evaluations * (dense + routed) < cfg2["flops_per_image"]
+    # omega = 1 with a dense strong branch draws the very samples of unguided CFG.
+    assert sg1["metrics"]["fd"] == cfg1["metrics"]["fd"] != cfg2["metrics"]["fd"]
+    assert sg1["flops_per_image"] == cfg1["flops_per_image"] == evaluations * dense
+    table = _strict_json(out)
+    assert [(p["guidance_mode"], p["guidance"]) for p in table["points"]] == list(records)
+    assert set(table["best_guidance_by_fd"]) == {"cfg", "sg"}
+    markdown = out.with_suffix(".md").read_text().splitlines()
+    assert markdown[0].startswith("| mode | ω | FD |") and len(markdown) == 2 + 4
+    assert sum("**" in line for line in markdown) == 2  # the best FD of each mode
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--guidance", "1,2", "--metrics", "acc"], "a guidance sweep plots fd"),
+        (["--guidance-mode", "sg,cfg+sg", "--sg-strong", "0.6"], "below the weak ratio 0.5"),
+        (["--guidance-mode", "cfg,sgg"], "'sgg' is not one of cfg, sg, cfg+sg"),
+        (["--guidance", "1,-2"], "sample.guidance=-2.0 must be >= 0"),
+    ],
+)
+def test_eval_refuses_bad_guidance_before_sampling(trained, tmp_path, capsys, flags, message):
+    out = tmp_path / "x.json"
+    assert cli_main(["eval", str(trained.run_dir), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not list(tmp_path.iterdir())

@@ -441,3 +441,222 @@ def test_resume_accepts_a_checkpoint_saved_before_architecture_fields_were_resol
     file.write_text(json.dumps(saved))
     resumed = train(tiny_config(tmp_path / "old", "train.steps=3"), progress=False)
     assert resumed.step == 3
+
+
+# --- Dense fine-tune phase (issue 12, item 5) -------------------------------------------------
+
+FINETUNE = ("optim.lr=1e-3", "optim.warmup_steps=0", "train.finetune_lr=1e-5")
+
+
+def _rows(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_finetune_phase_runs_dense_at_its_rate_and_shows_in_metrics_and_plot(
+    tmp_path, monkeypatch, caplog
+):
+    from matplotlib.axes import Axes
+
+    from tread.models.backbone import RoutableBackbone
+
+    calls, lines = [], []
+    real_forward, real_axvline = RoutableBackbone.forward, Axes.axvline
+
+    def forward(self, x, t, y, *, routes=None, generator=None, plans=None):
+        if self.training:
+            calls.append((tuple(routes), None if plans is None else plans[0].keep.shape[1]))
+        return real_forward(self, x, t, y, routes=routes, generator=generator, plans=plans)
+
+    monkeypatch.setattr(RoutableBackbone, "forward", forward)
+    monkeypatch.setattr(
+        Axes, "axvline", lambda ax, x, **kw: lines.append(x) or real_axvline(ax, x, **kw)
+    )
+    config = tiny_config(tmp_path, "train.steps=5", "train.finetune_from=3", *FINETUNE)
+    with caplog.at_level("INFO", logger="tread.train.loop"):
+        result = train(config, progress=False)
+    routed = (result.config.routes()[0].resolve(3),)
+    # Steps 0..2 routed with 8 of 16 tokens kept; steps 3, 4 dense: no routes, no plans.
+    assert calls == [(routed, 8)] * 3 + [((), None)] * 2
+    rows = _rows(result.run_dir)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["phase"] for r in train_rows] == ["routed"] * 3 + ["finetune"] * 2
+    assert [r["lr"] for r in train_rows] == [1e-3] * 3 + [1e-5] * 2
+    [event] = [r for r in rows if "event" in r]
+    assert event["event"] == "finetune_start" and event["step"] == 3 and event["lr"] == 1e-5
+    assert rows.index(event) == 3  # after the row of step 3 (the last routed step's)
+    assert "dense fine-tune phase starts: routing off, learning rate 1e-05" in caplog.text
+    assert lines == [3]  # the loss plot marks the switch
+    assert (result.run_dir / "loss.png").is_file()
+
+
+def test_finetune_without_its_own_rate_keeps_the_schedule_of_optim_lr():
+    from tread.train.phases import learning_rate
+
+    config = load_config(
+        "digits_tread", ["optim.lr=1e-3", "optim.warmup_steps=10", "train.finetune_from=5"]
+    )
+    assert [learning_rate(config, s) for s in (4, 5, 9, 20)] == pytest.approx(
+        [5e-4, 6e-4, 1e-3, 1e-3]
+    )
+    tuned = dataclasses.replace(config, train=dataclasses.replace(config.train, finetune_lr=1e-5))
+    assert [learning_rate(tuned, s) for s in (4, 5, 20)] == pytest.approx([5e-4, 1e-5, 1e-5])
+
+
+@pytest.fixture(scope="module")
+def straight_finetune(tmp_path_factory):
+    """8 uninterrupted steps, dense from step 4 (the reference of the resume tests)."""
+    root = tmp_path_factory.mktemp("straight")
+    return train(
+        tiny_config(root, "train.steps=8", "train.finetune_from=4", *FINETUNE), progress=False
+    )
+
+
+def _resume_before_the_switch(tmp_path):
+    # A routed run, fine-tuned later: the switch is added at resume (allowed without asking).
+    train(tiny_config(tmp_path, "train.steps=2", *FINETUNE[:2]), progress=False)
+
+
+def _resume_at_the_switch(tmp_path):
+    # Killed after the first dense step began (its event row written) but before the step-5
+    # checkpoint: the resume from step 4 must not log the switch twice.
+    train(
+        tiny_config(
+            tmp_path, "train.steps=5", "train.ckpt_every=4", "train.finetune_from=4", *FINETUNE
+        ),
+        progress=False,
+    )
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_0000005")
+
+
+def _resume_after_the_switch(tmp_path):
+    train(
+        tiny_config(tmp_path, "train.steps=6", "train.finetune_from=4", *FINETUNE), progress=False
+    )
+
+
+@pytest.mark.parametrize(
+    "first", [_resume_before_the_switch, _resume_at_the_switch, _resume_after_the_switch]
+)
+def test_resume_across_the_finetune_switch_is_bit_exact(tmp_path, straight_finetune, first):
+    first(tmp_path)
+    resumed = train(
+        tiny_config(tmp_path, "train.steps=8", "train.finetune_from=4", *FINETUNE), progress=False
+    )
+    for a, b in zip(
+        weights(straight_finetune.checkpoint), weights(resumed.checkpoint), strict=True
+    ):
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    state_a = ckpt.load_training_state(straight_finetune.checkpoint)
+    state_b = ckpt.load_training_state(resumed.checkpoint)
+    for sa, sb in zip(
+        state_a["optimizer"]["state"].values(), state_b["optimizer"]["state"].values(), strict=True
+    ):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+    clocks = ("it_s", "img_s", "elapsed_s", "train_s")
+    rows = [
+        [{k: v for k, v in r.items() if k not in clocks} for r in _rows(run.run_dir)]
+        for run in (straight_finetune, resumed)
+    ]
+    if first is _resume_before_the_switch:  # its first 2 rows predate the phase's config
+        for row in rows[0][:2]:
+            del row["phase"]
+    assert rows[0] == rows[1]  # losses, rates, phases and the one switch row alike
+
+
+def test_changing_the_finetune_phase_once_it_has_begun_is_refused(tmp_path):
+    run = tmp_path / "run"
+    train(
+        tiny_config(tmp_path, "train.steps=4", "train.finetune_from=2", *FINETUNE), progress=False
+    )
+    for change in (
+        ("train.finetune_from=3",),
+        ("train.finetune_lr=2e-5",),
+        ("train.finetune_from=null", "train.finetune_lr=null"),
+    ):
+        config = tiny_config(tmp_path, "train.steps=6", "train.finetune_from=2", *FINETUNE, *change)
+        with pytest.raises(ConfigError, match="dense fine-tune phase has begun") as err:
+            train(config, progress=False)
+        assert "\n" not in str(err.value) and "train.finetune_" in str(err.value)
+    assert ckpt.list_checkpoints(run)[-1].name == "step_0000004"
+    # Accepted explicitly, the change is recorded.
+    moved = tiny_config(tmp_path, "train.steps=6", "train.finetune_from=3", *FINETUNE)
+    assert train(moved, progress=False, allow_changes=True).step == 6
+    [row] = [json.loads(x) for x in (run / "config_changes.jsonl").read_text().splitlines()]
+    assert row["changes"]["train.finetune_from"] == [2, 3]
+
+
+def test_a_switch_before_the_checkpoint_is_refused_but_one_ahead_is_not(tmp_path):
+    train(tiny_config(tmp_path, "train.steps=4", *FINETUNE[:2]), progress=False)
+    past = tiny_config(tmp_path, "train.steps=6", "train.finetune_from=3", *FINETUNE)
+    with pytest.raises(ConfigError, match=r"train.finetune_from: None -> 3.*has begun or would"):
+        train(past, progress=False)
+    # A switch still ahead may be planned, then moved, without --allow-changes.
+    ahead = tiny_config(tmp_path, "train.steps=5", "train.finetune_from=5", *FINETUNE)
+    assert train(ahead, progress=False).step == 5
+    later = tiny_config(tmp_path, "train.steps=7", "train.finetune_from=6", *FINETUNE)
+    assert train(later, progress=False).step == 7
+    rows = [r for r in _rows(tmp_path / "run") if "loss" in r]
+    assert [r.get("phase") for r in rows] == [None] * 4 + ["routed"] * 2 + ["finetune"]
+
+
+def test_a_finished_routed_run_is_fine_tuned_from_its_last_step(tmp_path):
+    """The user's path to the paper's "(F)": no --allow-changes needed."""
+    train(tiny_config(tmp_path, "train.steps=4", *FINETUNE[:2]), progress=False)
+    tuned = tiny_config(tmp_path, "train.steps=6", "train.finetune_from=4", *FINETUNE)
+    result = train(tuned, progress=False)
+    assert result.step == 6
+    rows = _rows(result.run_dir)
+    assert [(r["step"], r.get("phase"), r["lr"]) for r in rows[4:]] == [
+        (4, None, 1e-5),  # the switch row
+        (5, "finetune", 1e-5),
+        (6, "finetune", 1e-5),
+    ]
+    [change] = [json.loads(x) for x in (result.run_dir / "config_changes.jsonl").open()]
+    assert change["changes"]["train.finetune_from"] == [None, 4]
+
+
+@pytest.mark.parametrize(
+    "saved, new, step, locked",
+    [
+        (None, None, 10, False),
+        (None, 10, 10, False),  # fine-tune a finished run from its last step
+        (None, 9, 10, True),  # a switch in the past
+        (12, 15, 10, False),  # still ahead: move it
+        (10, 12, 10, False),  # the switch is at the checkpoint: no dense step ran yet
+        (8, 8, 10, True),  # begun: its start and rate are history
+        (8, None, 10, True),
+    ],
+)
+def test_finetune_locked(saved, new, step, locked):
+    from tread.train.rundir import FINETUNE_KEYS, finetune_locked
+
+    def config(start):
+        extra = [] if start is None else [f"train.finetune_from={start}"]
+        return load_config("digits_tread", extra)
+
+    assert finetune_locked(config(saved), config(new), step) == (
+        frozenset(FINETUNE_KEYS) if locked else frozenset()
+    )
+
+
+def test_two_processes_match_one_along_a_schedule_and_across_the_switch(tmp_path):
+    """Each step's kept count is the same on every rank (one ratio per step, global draws)."""
+    extra = (
+        "train.steps=4",
+        "model.routes.0.schedule=linear",
+        "model.routes.0.ratio_final=0.75",
+        "train.finetune_from=3",
+        *FINETUNE,
+    )
+    single = train(tiny_config(tmp_path / "one", *extra), progress=False)
+    mp.spawn(_ddp_worker, args=(tiny_config(tmp_path / "two", *extra), _free_port()), nprocs=2)
+    double = ckpt.resolve_checkpoint(tmp_path / "two" / "run")
+    for a, b in zip(weights(single.checkpoint), weights(double), strict=True):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    rows = [r for r in _rows(single.run_dir) if "loss" in r]
+    assert [r["kept/0"] for r in rows] == [8, 7, 6, 16]  # ratio 0.5 -> 0.75 over 4, then dense
+    assert _rows(tmp_path / "two" / "run") != []

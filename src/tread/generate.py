@@ -3,17 +3,18 @@ and write them as a PNG grid, an ``.npz`` or a folder of PNGs."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .config import Config
 from .errors import ConfigError
-from .sampling import PerSampleRNG, sample
+from .sampling import CostMeter, PerSampleRNG, sample
 from .seeding import derive_seed
 from .train.builders import objective_from_config
 
@@ -53,6 +54,76 @@ def latent_decoder_for(
     )
 
 
+def with_guidance(config: Config, **settings: Any) -> Config:
+    """``config`` with guidance settings of ``sample:`` replaced, checked as the config is.
+
+    Values left None keep the config's (so CLI flags that were not given change nothing);
+    ``guidance_interval=[]`` removes an interval. Every check of the ``sample:`` section and
+    of the config as a whole runs again, so a bad combination is the same one-line
+    ``ConfigError`` whether it came from a YAML file or from flags.
+
+    Args:
+        config: the run's config.
+        **settings: ``SampleConfig`` fields (guidance, guidance_mode, guidance_interval,
+            sg_strong_ratio, sg_weak_ratio, sg_route, sampler, steps).
+
+    Returns:
+        The updated config.
+
+    Raises:
+        ConfigError: an unknown field or a value the config refuses.
+    """
+    known = {f.name for f in dataclasses.fields(config.sample)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(f"unknown sample setting {unknown[0]!r}")
+    changes = {key: value for key, value in settings.items() if value is not None}
+    if changes.get("guidance_interval") == []:
+        changes["guidance_interval"] = None
+    if not changes:
+        return config
+    return dataclasses.replace(config, sample=dataclasses.replace(config.sample, **changes))
+
+
+def cost_meter(model: nn.Module) -> CostMeter:
+    """A cost meter for ``model``: NFE always, FLOPs when the analytic cost model prices it.
+
+    Args:
+        model: the network sampled from.
+
+    Returns:
+        A fresh :class:`tread.sampling.CostMeter`.
+    """
+    from .cost import forward_flops
+
+    try:
+        forward_flops(model)
+    except ValueError:  # not a tread DiT: evaluations are counted, FLOPs are not
+        return CostMeter()
+    return CostMeter(lambda routes: forward_flops(model, routes))
+
+
+def describe_guidance(config: Config) -> str:
+    """The guidance of ``config.sample`` in a few words, e.g. ``sg 1.5 (0→0.5 on 2..5)``."""
+    settings = config.sample
+    text = f"{settings.guidance_mode} {settings.guidance:g}"
+    sparse = config.sparse_guidance()
+    if sparse is not None:
+        spans = ", ".join(f"{a}..{b}" for a, b in sparse.spans)
+        text += f" ({sparse.strong_ratio:g}→{sparse.weak_ratio:g} on {spans})"
+    if settings.guidance_interval:
+        lo, hi = settings.guidance_interval
+        text += f" in [{lo:g}, {hi:g}]"
+    return text
+
+
+def describe_cost(per_image: dict[str, float | None]) -> str:
+    """``NFE/image 34, GFLOPs/image 0.0123`` from :meth:`CostMeter.per_image`."""
+    nfe, flops = per_image.get("nfe_per_image"), per_image.get("flops_per_image")
+    text = "NFE/image n/a" if nfe is None else f"NFE/image {nfe:g}"
+    return text + ("" if flops is None else f", GFLOPs/image {flops / 1e9:.4g}")
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -66,13 +137,31 @@ def generate(
     steps: int | None = None,
     guidance: float | None = None,
     guidance_interval: Sequence[float] | None = None,
+    meter: CostMeter | None = None,
     progress: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(images (b, C, H, W), labels (b,))`` batches; pixels are clamped to [-1, 1].
 
     Every sample draws its initial noise and any solver noise from its own generator seeded by
-    ``derive_seed(seed_i)``, so results do not depend on ``batch_size`` or on how samples are
-    split across processes. Unset sampler settings fall back to ``config.sample``.
+    ``derive_seed("sample", seed_i)``, and the kept tokens of sparse-guidance branches from a
+    second one (``derive_seed("sample-route", seed_i)``), so results do not depend on
+    ``batch_size`` or on how samples are split across processes, and a sample starts from the
+    same noise in every guidance mode. Unset sampler settings fall back to ``config.sample``,
+    which also gives the guidance mode and the sparse branches (see :func:`with_guidance`).
+
+    Args:
+        model: the network (put in eval mode here).
+        config: the run's config.
+        labels: one class label per sample (``num_classes`` = unconditional).
+        seeds: one seed per sample.
+        batch_size: samples per sampler call.
+        device: where the model runs.
+        sampler, steps, guidance, guidance_interval: overrides of ``config.sample``.
+        meter: cost meter (see :func:`cost_meter`) that counts this generation's NFE / FLOPs.
+        progress: show a progress bar.
+
+    Returns:
+        An iterator of batches.
     """
     if len(labels) != len(seeds):
         raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
@@ -81,6 +170,7 @@ def generate(
     steps = steps or settings.steps
     guidance = settings.guidance if guidance is None else guidance
     interval = guidance_interval if guidance_interval is not None else settings.guidance_interval
+    sparse = config.sparse_guidance()  # None in mode "cfg"
     objective = objective_from_config(config)
     shape = (config.model.in_channels, config.model.input_size, config.model.input_size)
     model = model.eval()
@@ -90,10 +180,12 @@ def generate(
 
         starts = tqdm(starts, desc="sampling", unit="batch")
     for start in starts:
-        batch_seeds = [derive_seed("sample", s) for s in seeds[start : start + batch_size]]
+        batch = seeds[start : start + batch_size]
         y = torch.tensor(labels[start : start + batch_size], dtype=torch.long, device=device)
-        rng = PerSampleRNG(batch_seeds)  # CPU generators: same noise on every device
+        rng = PerSampleRNG([derive_seed("sample", s) for s in batch])  # CPU: same on any device
         noise = rng.randn(shape, device=device)  # (b, C, H, W)
+        # A separate stream for routing keeps the solver's draws what they are without SG.
+        routing = PerSampleRNG([derive_seed("sample-route", s) for s in batch]) if sparse else None
         images = sample(
             objective,
             model,
@@ -105,6 +197,10 @@ def generate(
             guidance=guidance,
             null_label=config.model.num_classes,
             guidance_interval=tuple(interval) if interval else None,
+            guidance_mode=settings.guidance_mode,
+            sparse=sparse,
+            route_rng=routing,
+            meter=meter,
         )
         if config.data.name != "latents":  # pixel data lives in [-1, 1]; latents are unbounded
             images = images.clamp(-1, 1)

@@ -57,14 +57,28 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
+# The ``event`` of the metrics row a training writes before its first dense fine-tune step.
+FINETUNE_EVENT = "finetune_start"
+
+
+def finetune_switches(rows: Sequence[dict]) -> list[int]:
+    """Steps at which a dense fine-tune phase started, from the rows of a metrics.jsonl."""
+    return sorted({int(r["step"]) for r in rows if r.get("event") == FINETUNE_EVENT})
+
+
 def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path:
-    """Loss against step (raw and smoothed) from a metrics.jsonl file, written as PNG."""
+    """Loss against step (raw and smoothed) from a metrics.jsonl file, written as PNG.
+
+    A dense fine-tune switch (the paper's "(F)": routing off from that step, often with its own
+    learning rate) is a dashed vertical line, so a change of the loss there reads as the phase's.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in read_metrics(metrics_path) if "loss" in r]
+    every_row = read_metrics(metrics_path)
+    rows = [r for r in every_row if "loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     if rows:
         steps = np.array([r["step"] for r in rows])
@@ -73,6 +87,8 @@ def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path:
         window = max(1, len(loss) // 20)
         smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
         ax.plot(steps[window - 1 :], smooth, color="C0", lw=1.6, label=f"moving mean ({window})")
+        for step in finetune_switches(every_row):
+            ax.axvline(step, color="C3", ls="--", lw=1.0, label=f"dense fine-tune from {step}")
         ax.set_yscale("log")
         ax.legend(frameon=False)
     ax.set_xlabel("step")

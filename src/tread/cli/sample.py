@@ -15,6 +15,7 @@ from .common import (
     resolve_device,
     vae_path,
 )
+from .guidance import add_guidance_options, guided_configs, parse_guidance
 
 UNCOND = "uncond"  # --labels word for the null label (unconditional samples)
 
@@ -33,7 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"comma-separated class labels, cycled, or {UNCOND} for unconditional samples "
         "(default: all classes)",
     )
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (1 = off)")
     p.add_argument("--sampler", default=None, help="edm_heun | flow_euler | flow_heun | ...")
     p.add_argument("--steps", type=positive_int, default=None, help="solver steps")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed+i")
@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a .png grid, an .npz, or a new or empty directory (a path without a suffix)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_guidance_options(p)
     add_vae_option(p)
     add_runtime_options(p)
     p.set_defaults(func=run)
@@ -84,6 +85,9 @@ def _check_labels(labels: list[int | None] | None, num_classes: int) -> list[int
 def run(args: argparse.Namespace) -> int:
     from ..generate import (
         check_sample_output,
+        cost_meter,
+        describe_cost,
+        describe_guidance,
         generate,
         grid_columns,
         latent_decoder_for,
@@ -92,11 +96,14 @@ def run(args: argparse.Namespace) -> int:
     )
     from ..train import load_for_inference
 
-    # Everything a user can get wrong is refused before the checkpoint is even read.
+    # Everything a user can get wrong is refused before the checkpoint is even read...
     check_sample_output(args.out, overwrite=args.overwrite)
     requested = _parse_labels(args.labels)
+    guidance = parse_guidance(args)
     device = resolve_device(args.device)
     model, config, step = load_for_inference(args.checkpoint, device)
+    # ... or, where it needs the model (its routes and depth), before any sampling.
+    (config,) = guided_configs(config, *guidance)
     num_classes = config.model.num_classes
     pool = _check_labels(requested, num_classes)
     labels = sample_labels(args.count, num_classes, pool)
@@ -112,11 +119,14 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         sampler=args.sampler,
         steps=args.steps,
-        guidance=args.guidance,
+        meter=(meter := cost_meter(model)),
         progress=True,
     )
     images = torch.cat([(decode(x) if decode else x).cpu() for x, _ in batches])
     nrow = args.nrow or grid_columns(args.count, len(pool) if pool else num_classes)
     out = save_samples(images, labels, args.out, nrow=nrow)
-    print(f"wrote {len(labels)} samples from step {step} to {out}")
+    print(
+        f"wrote {len(labels)} samples from step {step} to {out} | guidance "
+        f"{describe_guidance(config)} | {describe_cost(meter.per_image())}"
+    )
     return 0

@@ -14,14 +14,18 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from omegaconf import MISSING
 
 from ..errors import ConfigError
 from ..routing import Route
+from ..routing.schedule import RATIO_SCHEDULES, scheduled_ratio
 from ..transport.flow import TimeSampling
 from ..transport.types import ObjectiveName
+
+if TYPE_CHECKING:
+    from ..sampling import SparseGuidance
 
 # Closed vocabularies. OmegaConf structured configs cannot hold Literal fields, so the fields
 # stay ``str`` and are checked against ``get_args`` of the one Literal that defines each set.
@@ -78,17 +82,63 @@ class RouteConfig:
     ratio: float = 0.5  # skip ratio (the schedule's value at step 0)
     # Ratio schedule over training steps: "constant" keeps ``ratio``; "linear" / "cosine" go
     # from ``ratio`` at step 0 to ``ratio_final`` at ``schedule_steps`` (None = train.steps)
-    # and stay there. Each step uses one ratio for the whole batch (static shapes).
+    # and stay there. Each step uses one ratio for the whole batch (static shapes). The model
+    # is built with ``ratio``, and what reads ``to_route`` (the cost model's ideal speed-up in
+    # ``tread compare`` / bench, the route in config.yaml's header line) sees the step-0 ratio.
+    # None as schedule_steps is fixed to train.steps when a run starts (kept on resume).
     schedule: str = "constant"
     ratio_final: float | None = None
     schedule_steps: int | None = None
 
     def to_route(self, index: int | None = None) -> Route:
+        """The route at step 0 (``ratio``): what the model is built with and the cost model uses."""
         where = "model.routes" if index is None else f"model.routes.{index}"
         try:
             return Route(self.start, self.end, self.ratio)
         except ValueError as err:
             raise ConfigError(f"{where}: {err}") from None
+
+    def horizon(self, total_steps: int) -> int:
+        """S, the step at which the schedule reaches ``ratio_final`` (``schedule_steps`` or the
+        run's ``total_steps``)."""
+        return total_steps if self.schedule_steps is None else self.schedule_steps
+
+    def ratio_at(self, step: int, total_steps: int) -> float:
+        """The skip ratio of training step ``step`` (0-based); see :func:`scheduled_ratio`.
+
+        Args:
+            step: the training step (updates done before it).
+            total_steps: the horizon when ``schedule_steps`` is None (the run's train.steps).
+        """
+        return scheduled_ratio(
+            self.schedule, self.ratio, self.ratio_final, step, self.horizon(total_steps)
+        )
+
+    def check_schedule(self, index: int) -> None:
+        """The schedule's own fields: vocabulary, ``ratio_final`` where (and only where) needed.
+
+        Raises:
+            ConfigError: one line naming ``model.routes.<index>.<key>`` and the value.
+        """
+        where = f"model.routes.{index}"
+        _choice(where, "schedule", self.schedule, RATIO_SCHEDULES)
+        _at_least_one(where, "schedule_steps", self.schedule_steps)
+        final = self.ratio_final
+        if self.schedule == "constant":
+            for key in ("ratio_final", "schedule_steps"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(
+                        f"{where}.{key}={getattr(self, key)!r} needs {where}.schedule=linear "
+                        "or cosine (a constant schedule keeps ratio)"
+                    )
+            return
+        if final is None:
+            raise ConfigError(
+                f"{where}.schedule={self.schedule!r} needs {where}.ratio_final (the skip ratio "
+                "at the end of the schedule)"
+            )
+        if isinstance(final, bool) or not (math.isfinite(final) and 0 <= final < 1):
+            raise ConfigError(f"{where}.ratio_final={final!r} must be in [0, 1)")
 
 
 def _check_routes(routes: Sequence[RouteConfig], depth: int, model: str) -> None:
@@ -100,6 +150,7 @@ def _check_routes(routes: Sequence[RouteConfig], depth: int, model: str) -> None
     previous: tuple[int, int] | None = None
     for index, config in enumerate(routes):
         route = config.to_route(index)
+        config.check_schedule(index)
         for key in ("start", "end"):
             value = getattr(route, key)
             if not -depth <= value < depth:
@@ -307,8 +358,95 @@ class SampleConfig:
             or interval[0] > interval[1]
         ):
             raise ConfigError(
-                f"sample.guidance_interval={list(interval)!r} needs [lo, hi] with 0 <= lo <= hi"
+                f"sample.guidance_interval={list(interval)!r} (--guidance-interval) needs "
+                "[lo, hi] with 0 <= lo <= hi"
             )
+        self._check_sparse_guidance()
+
+    def _check_sparse_guidance(self) -> None:
+        """The SG fields on their own (the route and the training ratio: ``sparse_guidance``)."""
+        from ..sampling import GUIDANCE_MODES
+
+        _choice("sample", "guidance_mode", self.guidance_mode, GUIDANCE_MODES)
+        for key, flag in (("sg_strong_ratio", "--sg-strong"), ("sg_weak_ratio", "--sg-weak")):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and 0 <= value < 1):
+                raise ConfigError(f"sample.{key}={value!r} ({flag}) must be in [0, 1)")
+        weak = self.sg_weak_ratio
+        if weak is not None and not self.sg_strong_ratio < weak:
+            raise ConfigError(
+                f"sample.sg_strong_ratio={self.sg_strong_ratio!r} (--sg-strong) must be below "
+                f"sample.sg_weak_ratio={weak!r} (--sg-weak): the weak branch skips more tokens"
+            )
+        route = self.sg_route
+        if route is not None:
+            ints = all(isinstance(v, int) and not isinstance(v, bool) for v in route)
+            if len(route) != 2 or not ints:
+                raise ConfigError(
+                    f"sample.sg_route={list(route)!r} (--sg-route) needs [start, end] block indices"
+                )
+            start, end = route
+            if (start >= 0) == (end >= 0) and start > end:
+                raise ConfigError(
+                    f"sample.sg_route={list(route)!r} (--sg-route): start {start} comes after "
+                    f"end {end}"
+                )
+
+    def sparse_guidance(self, training: Sequence[Route], depth: int) -> SparseGuidance | None:
+        """The sparse-guidance branches this config asks for, with defaults from training.
+
+        Args:
+            training: the run's training routes (the default spans; their common ratio is the
+                default weak ratio).
+            depth: the model's number of blocks (``sg_route`` is checked against it).
+
+        Returns:
+            The branches' ratios and spans (block indices resolved), or None in mode "cfg".
+
+        Raises:
+            ConfigError: one line naming the key (and its CLI flag) and value.
+        """
+        from ..sampling import SparseGuidance
+
+        if self.guidance_mode == "cfg":
+            return None
+        mode = f"sample.guidance_mode={self.guidance_mode!r}"
+        if self.sg_route is not None:
+            start, end = self.sg_route
+            try:
+                Route(start, end).resolve(depth)
+            except ValueError:
+                raise ConfigError(
+                    f"sample.sg_route={list(self.sg_route)!r} (--sg-route) is outside the "
+                    f"model's {depth} blocks (valid: {-depth}..{depth - 1}, start before end)"
+                ) from None
+            spans = ((start, end),)
+        elif training:
+            spans = tuple((r.start, r.end) for r in training)
+        else:
+            raise ConfigError(
+                f"{mode} needs a route for its sparse branch, and this model was trained "
+                "without one: set sample.sg_route=[start, end] (--sg-route START,END)"
+            )
+        weak = self.sg_weak_ratio
+        if weak is None:
+            ratios = sorted({r.ratio for r in training})
+            if len(ratios) != 1:
+                what = "without routes" if not ratios else f"with ratios {ratios}"
+                raise ConfigError(
+                    f"{mode} takes its weak ratio from the training route, but the model was "
+                    f"trained {what}: set sample.sg_weak_ratio (--sg-weak)"
+                )
+            weak = ratios[0]
+        if not self.sg_strong_ratio < weak:
+            raise ConfigError(
+                f"sample.sg_strong_ratio={self.sg_strong_ratio!r} (--sg-strong) must be below "
+                f"the weak ratio {weak!r} (sample.sg_weak_ratio / --sg-weak, default: the "
+                "training ratio)"
+            )
+        # Spans with non-negative block indices, so records and printouts name real blocks.
+        resolved = tuple((start % depth, end % depth) for start, end in spans)
+        return SparseGuidance(self.sg_strong_ratio, float(weak), resolved)
 
 
 @dataclass
@@ -387,6 +525,38 @@ class TrainConfig:
             _positive("train", "max_minutes", self.max_minutes)
         _at_least_one("train", "num_threads", self.num_threads)
         _positive("train", "dist_timeout_minutes", self.dist_timeout_minutes)
+        self._check_finetune()
+
+    def _check_finetune(self) -> None:
+        """``finetune_from`` in 1..steps (== steps: the phase starts where this run ends, for a
+        resume with more steps); ``finetune_lr`` > 0 and only with ``finetune_from``."""
+        start, lr = self.finetune_from, self.finetune_lr
+        if lr is not None:
+            _positive("train", "finetune_lr", lr)
+            if start is None:
+                raise ConfigError(
+                    f"train.finetune_lr={lr!r} needs train.finetune_from (the step at which the "
+                    "dense fine-tune phase starts)"
+                )
+        if start is None:
+            return
+        _at_least_one("train", "finetune_from", start)
+        if start > self.steps:
+            raise ConfigError(
+                f"train.finetune_from={start} is past train.steps={self.steps}: the dense "
+                "fine-tune phase would never start"
+            )
+
+    def in_finetune(self, step: int) -> bool:
+        """Whether training step ``step`` (0-based) belongs to the dense fine-tune phase."""
+        return self.finetune_from is not None and step >= self.finetune_from
+
+
+def _final_ratio(route: RouteConfig) -> float:
+    """The skip ratio a route trains with at the end: ``ratio_final`` under a schedule."""
+    scheduled = getattr(route, "schedule", "constant") != "constant"
+    final = getattr(route, "ratio_final", None)
+    return float(final) if scheduled and final is not None else float(route.ratio)
 
 
 @dataclass
@@ -414,6 +584,22 @@ class Config:
                 f"sample.sampler={self.sample.sampler!r} integrates an {needs!r} model but "
                 f"objective.name={self.objective.name!r}; use one of: {fits}"
             )
+        tc = self.train
+        if tc.finetune_from is not None and not self.model.routes and tc.finetune_lr is None:
+            raise ConfigError(
+                f"train.finetune_from={tc.finetune_from} does nothing: model.routes is empty "
+                "(nothing to switch off) and train.finetune_lr is unset"
+            )
+        self.sparse_guidance()  # sg / cfg+sg: a route to run and a weak ratio above the strong
+
+    def sparse_guidance(self) -> SparseGuidance | None:
+        """The sparse-guidance branches of ``sample`` (None in mode "cfg"), see
+        :meth:`SampleConfig.sparse_guidance`; the default weak ratio is the one a route trains
+        with at the end of its schedule."""
+        training = [
+            Route(r.start, r.end, _final_ratio(r)) for r in self.model.routes
+        ]  # validated by ModelConfig already
+        return self.sample.sparse_guidance(training, self.depth())
 
     def routes(self) -> list[Route]:
         return [r.to_route(i) for i, r in enumerate(self.model.routes)]

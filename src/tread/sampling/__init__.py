@@ -1,8 +1,10 @@
-"""Samplers (one signature), classifier-free guidance and per-sample randomness."""
+"""Samplers (one signature), guidance wrappers (CFG, sparse guidance), per-sample randomness
+and the cost meter."""
 
 from __future__ import annotations
 
-from .guidance import cfg
+from .guidance import GUIDANCE_MODES, Branch, GuidanceMode, cfg, sparse_guidance
+from .meter import CostMeter
 from .registry import SAMPLERS, SamplerSpec, sample, solver_options
 from .rng import NoiseSource, PerSampleRNG, randn_like
 from .solvers import (
@@ -15,15 +17,22 @@ from .solvers import (
     flow_heun,
     flow_times,
 )
+from .sparse import SparseGuidance, draw_plans, routed_branch
 
 __all__ = [
+    "GUIDANCE_MODES",
     "SAMPLERS",
+    "Branch",
+    "CostMeter",
+    "GuidanceMode",
+    "SparseGuidance",
     "DiffusionForm",
     "NoiseSource",
     "PerSampleRNG",
     "SamplerSpec",
     "Solver",
     "cfg",
+    "draw_plans",
     "edm_heun",
     "edm_sigmas",
     "flow_euler",
@@ -31,6 +40,8 @@ __all__ = [
     "flow_heun",
     "flow_times",
     "randn_like",
+    "routed_branch",
     "sample",
     "solver_options",
+    "sparse_guidance",
 ]

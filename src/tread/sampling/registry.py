@@ -13,9 +13,11 @@ from tread.errors import ConfigError
 from tread.transport import Objective
 from tread.transport.types import Net, ObjectiveName
 
-from .guidance import cfg
+from .guidance import GUIDANCE_MODES, GuidanceMode, cfg, sparse_guidance
+from .meter import CostMeter
 from .rng import NoiseSource
 from .solvers import Solver, edm_heun, flow_euler, flow_euler_maruyama, flow_heun
+from .sparse import SparseGuidance, routed_branch
 
 
 @dataclass(frozen=True)
@@ -61,26 +63,37 @@ def sample(
     sampler: str,
     steps: int,
     rng: NoiseSource | None = None,
-    guidance: float = 1.0,  # classifier-free guidance scale; 1 is off
-    null_label: int | None = None,  # the network's null class; required when guidance != 1
+    guidance: float = 1.0,  # the guidance weight: CFG scale, or SG's omega; 1 is off
+    null_label: int | None = None,  # the network's null class; needed by cfg and cfg+sg
     guidance_interval: tuple[float, float] | None = None,  # in sigma (EDM) or t (flow)
+    guidance_mode: GuidanceMode = "cfg",
+    sparse: SparseGuidance | None = None,  # ratios and spans of the SG branches
+    route_rng: NoiseSource | None = None,  # routing draws of routed SG branches
+    meter: CostMeter | None = None,  # counts evaluations and FLOPs of this call
     **options: Any,
 ) -> Tensor:
     """Draw samples from ``net`` trained with ``objective``, without gradients.
 
     Leaves ``net``'s train/eval mode alone: put it in eval mode first if it has dropout etc.
+    Guidance wraps the prediction callable the solver integrates; the solver never sees it.
 
     Args:
         objective: the training objective (decides the prediction callable).
-        net: raw network ``net(x, t, y)``.
+        net: raw network ``net(x, t, y)``; for "sg" / "cfg+sg" a routable one that also takes
+            ``routes=`` and ``plans=`` (a tread backbone).
         noise: (B, ...) unit Gaussian noise, e.g. ``PerSampleRNG(seeds).randn((C, H, W))``.
         y: (B,) labels.
         sampler: key of ``SAMPLERS``; must match the objective.
         steps: solver steps (see each solver).
         rng: noise source for stochastic solvers.
-        guidance: CFG scale (see ``tread.sampling.guidance.cfg``).
+        guidance: guidance weight (see ``cfg`` and ``sparse_guidance``).
         null_label: label meaning "no class".
-        guidance_interval: optional (lo, hi) interval where guidance applies.
+        guidance_interval: optional (lo, hi) interval where guidance applies (any mode).
+        guidance_mode: "cfg", "sg" or "cfg+sg".
+        sparse: the SG branches' ratios and spans; required for "sg" and "cfg+sg".
+        route_rng: where routed branches draw their kept tokens; a ``PerSampleRNG`` keeps
+            sample i independent of the batch; required when a branch is routed.
+        meter: cost meter; its counts grow by this call's evaluations, FLOPs and images.
         **options: solver-specific options, e.g. ``s_churn`` for ``edm_heun``.
 
     Returns:
@@ -97,10 +110,62 @@ def sample(
             raise ConfigError(
                 f"unknown option {key!r} for sampler {sampler!r} (known: {', '.join(allowed)})"
             )
-    fn = objective.prediction(net)
-    if guidance != 1:
-        if null_label is None:
-            raise ConfigError(f"guidance={guidance!r} needs null_label (the network's num_classes)")
-        fn = cfg(fn, guidance, null_label, guidance_interval)
+    if guidance_mode not in GUIDANCE_MODES:
+        raise ConfigError(
+            f"guidance_mode must be one of {', '.join(GUIDANCE_MODES)}, got {guidance_mode!r}"
+        )
+    call = net if meter is None else meter.wrap(net)
+    interval = tuple(guidance_interval) if guidance_interval is not None else None
+    if guidance_mode == "cfg":
+        fn = objective.prediction(call)
+        if guidance != 1:
+            if null_label is None:
+                raise ConfigError(
+                    f"guidance={guidance!r} needs null_label (the network's num_classes)"
+                )
+            fn = cfg(fn, guidance, null_label, interval)
+    else:
+        fn = _sparse_prediction(
+            objective, net, call, guidance, guidance_mode, sparse, route_rng, null_label, interval
+        )
     with torch.no_grad():
-        return spec.solver(fn, noise, y, steps=steps, rng=rng, **options)
+        out = spec.solver(fn, noise, y, steps=steps, rng=rng, **options)
+    if meter is not None:
+        meter.images += noise.shape[0]
+    return out
+
+
+def _sparse_prediction(
+    objective: Objective,
+    model: Any,
+    call: Any,
+    omega: float,
+    mode: GuidanceMode,
+    sparse: SparseGuidance | None,
+    route_rng: NoiseSource | None,
+    null_label: int | None,
+    interval: tuple[float, float] | None,
+) -> Any:
+    """The SG / CFG+SG prediction: two routed branches of ``call`` combined by omega."""
+    if sparse is None:
+        raise ConfigError(f"guidance_mode={mode!r} needs sparse= (the branches' ratios and spans)")
+    if mode == "cfg+sg" and null_label is None:
+        raise ConfigError("guidance_mode='cfg+sg' needs null_label (the network's num_classes)")
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None:
+        sparse.check_depth(len(blocks))  # a clear error before the first step
+    if route_rng is None:
+        raise ConfigError(
+            f"guidance_mode={mode!r} routes a branch and needs route_rng (e.g. a PerSampleRNG)"
+        )
+    strong = routed_branch(
+        objective, call, sparse.routes(sparse.strong_ratio), route_rng, model=model
+    )
+    weak = routed_branch(objective, call, sparse.routes(sparse.weak_ratio), route_rng, model=model)
+    return sparse_guidance(
+        strong,
+        weak,
+        omega,
+        null_label=null_label if mode == "cfg+sg" else None,
+        interval=interval,
+    )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import Config, OptimConfig, TrainConfig
+from ..config import Config, TrainConfig
 from ..errors import TreadError
-from ..routing import RoutePlan, sample_plan
+from ..routing import Route, RoutePlan, sample_plan
 from ..seeding import derive_seed
 from . import checkpoint as ckpt
 from .builders import prepare_run
 from .dist import DistInfo, all_true, barrier
 from .ema import ema_decay, update_ema
+from .phases import FINETUNE_EVENT, learning_rate, step_fields, step_routes
 from .setup import start_run
 from .state import RunState, projected_steps
 
@@ -85,9 +86,12 @@ def train(
     info = dist or DistInfo()
     config, data = prepare_run(config)  # every config and data check; writes nothing
     run = start_run(config, data, info, allow_changes=allow_changes, progress=progress)
+    config = run.config  # with the schedules' horizons fixed (see phases.fix_schedule_horizons)
     tc = config.train
     try:
         while run.step < tc.steps:
+            if run.step == tc.finetune_from:
+                _announce_finetune(run)
             lr = _train_step(run)
             out_of_time = _out_of_time(run)
             last = run.step == tc.steps or out_of_time
@@ -106,11 +110,23 @@ def train(
     return TrainResult(run.run_dir, run.step, run.last_checkpoint, run.stopped, config)
 
 
-def _learning_rate(optim: OptimConfig, step: int) -> float:
-    """The configured rate after a linear warm-up over ``optim.warmup_steps``."""
-    if not optim.warmup_steps:
-        return optim.lr
-    return optim.lr * min(1.0, (step + 1) / optim.warmup_steps)
+def _announce_finetune(run: RunState) -> None:
+    """Before the first dense fine-tune step: a log line and a one-off metrics row (rank 0).
+
+    A run resumed exactly at the switch may find the row already written by the run it
+    continues (after its last checkpoint): then it is not written twice.
+    """
+    if run.metrics is None:
+        return
+    from ..visual import read_metrics
+
+    step, tc = run.step, run.config.train
+    lr = learning_rate(run.config, step)
+    log.info("step %d: dense fine-tune phase starts: routing off, learning rate %g", step, lr)
+    rows = read_metrics(run.metrics.path)
+    if not any(r.get("event") == FINETUNE_EVENT and r.get("step") == step for r in rows):
+        row = {"step": step, "event": FINETUNE_EVENT, "lr": lr, "finetune_lr": tc.finetune_lr}
+        run.metrics.write({**row, **run.clock.stamp()})
 
 
 def _train_step(run: RunState) -> float:
@@ -119,16 +135,17 @@ def _train_step(run: RunState) -> float:
     run.model.train()
     x0, y = next(run.batches)
     shape = tuple(x0.shape[1:])  # (C, H, W)
+    routes = step_routes(config, run.model.routes, step)  # () in the dense fine-tune phase
     drop, t, noise, plans = _step_draws(
-        config, run.objective, run.model, step, config.train.batch_size, run.rows, shape, run.device
+        config, run.objective, run.model, routes, step, run.rows, shape, run.device
     )
     y = torch.where(drop, torch.full_like(y, config.model.num_classes), y)
-    lr = _learning_rate(config.optim, step)
+    lr = learning_rate(config, step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
 
     def routed_net(x: Tensor, t_: Tensor, y_: Tensor) -> Tensor:
-        return run.net(x, t_, y_, plans=plans or None)
+        return run.net(x, t_, y_, routes=routes, plans=plans or None)
 
     bf16 = _precision(config.train, run.device) == "bf16"
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -196,6 +213,8 @@ def _check_and_log(run: RunState, lr: float, last: bool) -> None:
         "it_s": rate,
         "img_s": rate * tc.batch_size,
         **clock.stamp(),
+        # How the last step was routed (phase, scheduled ratios); empty for a plain run.
+        **step_fields(run.config, run.model.routes, run.model.num_tokens, run.step - 1),
     }
     if run.config.optim.grad_clip is not None:
         row["grad_norm"] = grad_norm
@@ -259,13 +278,18 @@ def _step_draws(
     config: Config,
     objective: Any,
     model: nn.Module,
+    routes: Sequence[Route],
     step: int,
-    global_batch: int,
     rows: slice,
     shape: tuple[int, ...],
     device: torch.device,
 ) -> tuple[Tensor, Tensor, Tensor, list[RoutePlan]]:
-    """All randomness of one step for the global batch, sliced to this rank's rows."""
+    """All randomness of one step for the global batch, sliced to this rank's rows.
+
+    The plans come last from the (seed, step) stream, one per route of the step (``routes``:
+    the step's ratios, none in the fine-tune phase), with one kept count K for the whole batch.
+    """
+    global_batch = config.train.batch_size
     g = torch.Generator(device=device).manual_seed(derive_seed(config.train.seed, "step", step))
     drop = torch.rand(global_batch, generator=g, device=device) < config.train.class_dropout
     like = torch.empty(global_batch, device=device)
@@ -273,7 +297,7 @@ def _step_draws(
     noise = torch.randn((global_batch, *shape), generator=g, device=device)  # (B, C, H, W)
     plans = []
     N = model.num_tokens
-    for route in model.routes:
+    for route in routes:
         full = sample_plan(
             global_batch,
             N,

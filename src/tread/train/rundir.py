@@ -50,8 +50,14 @@ ALLOWED_CHANGES = frozenset(
         "train.dist_timeout_minutes",
         "eval.every",
         "sample.grid_size",
+        # A dense fine-tune phase may be added, moved or dropped while it lies ahead: this is
+        # how a finished routed run is fine-tuned (train.finetune_from=<its step> plus more
+        # train.steps). Once it has begun (or would begin in the past) see finetune_locked.
+        "train.finetune_from",
+        "train.finetune_lr",
     }
 )
+FINETUNE_KEYS = ("train.finetune_from", "train.finetune_lr")
 
 
 def check_writable(run_dir: Path) -> None:
@@ -144,17 +150,47 @@ def _flatten(tree: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def check_changes(changes: dict[str, tuple[Any, Any]], checkpoint: Path, *, allow: bool) -> None:
+def finetune_locked(saved: Config, current: Config, step: int) -> frozenset[str]:
+    """The fine-tune keys a resume at ``step`` must not change silently.
+
+    Once the dense phase has run a step (the checkpoint's ``finetune_from`` < ``step``), its
+    start and rate are history: changing them would make config.yaml describe a run that did
+    not happen, and a resume from an earlier checkpoint would no longer reproduce this one.
+    The same holds for a new ``finetune_from`` before ``step`` (a switch in the past: those
+    steps ran routed). A switch at or after ``step`` is still ahead and may change freely.
+    """
+    starts = (saved.train.finetune_from, current.train.finetune_from)
+    if any(start is not None and start < step for start in starts):
+        return frozenset(FINETUNE_KEYS)
+    return frozenset()
+
+
+def check_changes(
+    changes: dict[str, tuple[Any, Any]],
+    checkpoint: Path,
+    *,
+    allow: bool,
+    locked: frozenset[str] = frozenset(),
+) -> None:
     """Refuse changes a resume must not make silently (see :data:`ALLOWED_CHANGES`).
+
+    Args:
+        changes: key -> (saved, new), from :func:`config_changes`.
+        checkpoint: the checkpoint resumed from (named in the message).
+        allow: accept every change (``--allow-changes``).
+        locked: allowed keys that this resume must not change anyway (:func:`finetune_locked`).
 
     Raises:
         ConfigError: one line listing every refused key as ``key: saved -> new``.
     """
-    refused = sorted(key for key in changes if key not in ALLOWED_CHANGES)
+    refused = sorted(key for key in changes if key not in ALLOWED_CHANGES or key in locked)
     if refused and not allow:
         listed = ", ".join(f"{key}: {changes[key][0]!r} -> {changes[key][1]!r}" for key in refused)
+        why = ""
+        if locked & set(refused):
+            why = " (the dense fine-tune phase has begun or would begin before the checkpoint)"
         raise ConfigError(
-            f"resuming {checkpoint} with changed settings ({listed}); accept them with "
+            f"resuming {checkpoint} with changed settings ({listed}){why}; accept them with "
             "`tread train ... --allow-changes` (train(..., allow_changes=True)) "
             "or start a new train.run_dir"
         )

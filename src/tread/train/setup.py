@@ -25,7 +25,15 @@ from .builders import build_from_config, objective_from_config
 from .dist import DistInfo, init_process_group
 from .ema import make_ema
 from .metrics_log import MetricsLog
-from .rundir import RunLock, check_changes, check_writable, config_changes, record_changes
+from .phases import fix_schedule_horizons
+from .rundir import (
+    RunLock,
+    check_changes,
+    check_writable,
+    config_changes,
+    finetune_locked,
+    record_changes,
+)
 from .state import Clock, LossWindow, RunState
 
 log = logging.getLogger(__name__)
@@ -76,7 +84,10 @@ def start_run(
         run.lock = lock
         on_error.callback(run.close)
         resume_from = _resume_source(config, run_dir)
-        changes = _resume(run, resume_from, allow_changes) if resume_from else {}
+        if resume_from:
+            changes = _resume(run, resume_from, allow_changes)
+        else:  # a fresh run: a schedule's horizon None is this run's train.steps, for good
+            changes, run.config = {}, fix_schedule_horizons(run.config)
         if info.is_main and run.lock is None:  # a new directory: created only now
             run.lock = RunLock(run_dir)
             if ckpt.list_checkpoints(run_dir):
@@ -136,10 +147,13 @@ def _resume(run: RunState, checkpoint: Path, allow_changes: bool) -> Changes:
     # Configs saved before architecture fields were resolved hold None where the registry's
     # value applies: fill them the same way before comparing.
     saved = dataclasses.replace(saved, model=saved.model.with_architecture())
-    ckpt.read_meta(checkpoint)
+    step = ckpt.read_meta(checkpoint)["step"]
+    # A horizon None continues the checkpoint's: more train.steps must not stretch a schedule.
+    run.config = fix_schedule_horizons(run.config, saved)
     check_compatible(saved, run.config, checkpoint)
     changes = config_changes(saved, run.config)
-    check_changes(changes, checkpoint, allow=allow_changes)
+    locked = finetune_locked(saved, run.config, step)
+    check_changes(changes, checkpoint, allow=allow_changes, locked=locked)
     state = ckpt.load_training_state(checkpoint)
     ckpt.load_weights(run.model, checkpoint / "model.safetensors")
     ckpt.load_weights(run.ema, checkpoint / "ema.safetensors")
