@@ -1,4 +1,5 @@
-"""Typed run configuration: dataclasses (`.schema`) and presets, overrides, YAML (`.loading`).
+"""Typed run configuration: dataclasses (`.schema`, `.model`, `.sampling`) and presets, overrides,
+YAML (`.loading`).
 
 The dataclasses are the single source of truth. Unknown keys, bad values and sections that
 contradict each other (a flow objective with an EDM sampler, a route past the last block) raise
@@ -17,8 +18,9 @@ from .loading import (
     split_config_args,
     to_object,
 )
+from .model import ARCH_KEYS, ModelConfig, RouteConfig
+from .sampling import SampleConfig
 from .schema import (
-    ARCH_KEYS,
     DEVICES,
     OBJECTIVE_KEYS,
     OBJECTIVES,
@@ -28,13 +30,10 @@ from .schema import (
     DataConfig,
     EMAConfig,
     EvalConfig,
-    ModelConfig,
     ObjectiveConfig,
     OptimConfig,
     Precision,
     ReferenceSplit,
-    RouteConfig,
-    SampleConfig,
     TrainConfig,
     TrainDevice,
     feature_net_names,

@@ -19,7 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError
 from ..routing import describe_routes
-from .schema import Config, RouteConfig, inactive_objective_keys
+from .model import RouteConfig
+from .schema import Config, inactive_objective_keys
 
 PRESET_DIR = Path(__file__).parent.parent / "configs"
 DEFAULT_PRESET = "digits_tread"
