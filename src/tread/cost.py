@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from .models.backbone import unwrap
 from .models.dit import DiTConfig
 from .models.registry import MODEL_CONFIGS
 from .routing import Route, resolve_routes
@@ -34,14 +35,7 @@ def _config_of(model: Any) -> DiTConfig:
                 f"{', '.join(MODEL_CONFIGS)}"
             )
         return MODEL_CONFIGS[model]
-    inner = model
-    while isinstance(inner, nn.Module) and not isinstance(
-        getattr(inner, "config", None), DiTConfig
-    ):
-        wrapped = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)
-        if not isinstance(wrapped, nn.Module):
-            break
-        inner = wrapped  # DDP / DataParallel (.module) or torch.compile (._orig_mod)
+    inner = unwrap(model) if isinstance(model, nn.Module) else model
     config = getattr(inner, "config", None)
     if not isinstance(config, DiTConfig):
         raise ValueError(

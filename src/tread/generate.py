@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .config import Config
 from .errors import ConfigError
+from .paths import check_creatable
 from .sampling import CostMeter, PerSampleRNG, sample
 from .seeding import derive_seed
 from .train.builders import objective_from_config
@@ -207,17 +208,6 @@ def generate(
         yield images, y
 
 
-def _check_writable(out: Path, folder: Path) -> None:
-    """``folder`` (or the nearest existing folder above it) accepts new files."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"output {out}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"output {out}: directory {existing} is not writable")
-
-
 def check_sample_output(out: str | Path, *, overwrite: bool = False) -> OutputKind:
     """Refuse an output path before any sampling, and say what will be written there.
 
@@ -245,13 +235,13 @@ def check_sample_output(out: str | Path, *, overwrite: bool = False) -> OutputKi
             raise ConfigError(f"output {out} exists and is not a directory")
         if out.is_dir() and any(out.iterdir()):
             raise ConfigError(f"output directory {out} is not empty; choose a new or empty one")
-        _check_writable(out, out)
+        check_creatable(out, f"output {out}")
         return kind
     if out.is_dir():
         raise ConfigError(f"output {out} is a directory, not a {out.suffix} file")
     if out.exists() and not overwrite:
         raise ConfigError(f"output {out} exists; pass --overwrite to replace it")
-    _check_writable(out, out.parent)
+    check_creatable(out.parent, f"output {out}")
     return kind
 
 

@@ -11,6 +11,16 @@ from torch import Tensor, nn
 from ..routing import Route, RoutePlan, resolve_routes, route_blocks
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / DataParallel (``.module``) and torch.compile
+    (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
 class RoutableBackbone(nn.Module):
     """Base class of every backbone; subclasses implement ``embed`` and ``head``.
 

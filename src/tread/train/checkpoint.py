@@ -30,6 +30,7 @@ from torch import nn
 
 from ..config import Config, config_from_dict, config_to_dict
 from ..errors import CheckpointError, ConfigError
+from ..models.backbone import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,6 @@ def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
                 key = key[len(prefix) :]
         out[key] = value.detach().contiguous().cpu()
     return out
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -9,20 +9,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import Config, ReferenceSplit
 from ..errors import ConfigError, DataError
 from .dist import DistInfo
+from .loop import EvalHook
 
 logger = logging.getLogger(__name__)
 
 PACKAGED_NETS = ("digits", "fashion_mnist")
-SPLITS = ("train", "test")
+# Dataset splits a reference may name (anything else is a stats file or an ADM batch).
+REFERENCE_SPLITS: tuple[str, ...] = get_args(ReferenceSplit)
 
 
 def eval_device(config: Config, info: DistInfo | None = None) -> torch.device:
@@ -86,7 +88,7 @@ def check_eval_inputs(
 def check_reference(config: Config, reference: str | None = None) -> None:
     """Check a reference (dataset split, stats file or ADM batch) without reading its data."""
     reference = reference or config.eval.reference_split
-    if reference in SPLITS:
+    if reference in REFERENCE_SPLITS:
         if config.data.name == "latents":
             # The split holds latents, not images: the feature net cannot score them.
             raise ConfigError(
@@ -140,7 +142,7 @@ def reference_for(
 
     check_reference(config, reference)
     reference = reference or config.eval.reference_split
-    if reference in SPLITS:
+    if reference in REFERENCE_SPLITS:
         # "_u8": stats of uint8-quantised images; caches of older versions are not reused.
         cache = cache_dir / f"ref_{config.data.name}_{reference}_{net.name}_u8.npz"
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -251,9 +253,6 @@ def evaluate_model(
         kid_subset_size=min(1000, num_samples),
         quantize=True,  # score the uint8 images a user would save, as ADM / pytorch-fid do
     )
-
-
-EvalHook = Callable[[int, nn.Module, Config], dict[str, float]]
 
 
 def default_eval_hook(

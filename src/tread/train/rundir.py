@@ -19,6 +19,7 @@ from typing import Any
 
 from ..config import Config, config_to_dict
 from ..errors import ConfigError
+from ..paths import check_creatable
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,8 @@ def check_writable(run_dir: Path) -> None:
     Raises:
         ConfigError: naming ``train.run_dir`` and the offending path.
     """
-    ancestor = run_dir
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ConfigError(f"train.run_dir={run_dir}: {ancestor} is a file, not a directory")
-    for path in (ancestor, run_dir / "checkpoints", run_dir / "samples", run_dir / "eval"):
+    check_creatable(run_dir, f"train.run_dir={run_dir}")
+    for path in (run_dir / "checkpoints", run_dir / "samples", run_dir / "eval"):
         if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError(f"train.run_dir={run_dir}: directory {path} is not writable")
         if path.exists() and not path.is_dir():
