@@ -347,7 +347,7 @@ def test_stats_cache_temp_names_are_per_process_and_the_file_stays_complete(tmp_
     import multiprocessing
     import os
 
-    from tread.eval.stats import temporary_name
+    from tread.paths import temporary_name
 
     target = tmp_path / "ref.npz"
     names = {temporary_name(target) for _ in range(2)}

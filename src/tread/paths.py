@@ -1,9 +1,15 @@
-"""Checks on places a command will write, run before anything is written."""
+"""Writing safely: checks on places a command will write (run before anything is written),
+and files replaced in one step so a reader never sees half of one."""
 
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from os import PathLike
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import ConfigError
 
@@ -29,3 +35,29 @@ def check_creatable(path: str | Path, what: str) -> None:
         raise ConfigError(f"{what}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{what}: directory {existing} is not writable")
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden sibling of `path` unique to this process and call (pid + random suffix).
+
+    Ranks of one job (or two jobs) that cache the same file never share a temporary name, so
+    one cannot truncate or rename away another's half-written file.
+    """
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+@contextmanager
+def atomic_open(path: str | PathLike[str]) -> Iterator[BinaryIO]:
+    """Open a temporary file for writing; on success it replaces `path` in one ``os.replace``.
+
+    Readers see the old file or the complete new one, never a partial write; on error the
+    temporary file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -298,7 +298,7 @@ def _write_record(
         The record as written, plus its path under ``_path`` (not written).
     """
     from ..eval import finite_metrics, sample_size_warnings
-    from ..eval.stats import atomic_open
+    from ..paths import atomic_open
 
     scores, warnings = finite_metrics(result)  # a NaN becomes null plus a warning
     warnings += sample_size_warnings(record["num_samples"], reference, metrics)

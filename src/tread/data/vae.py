@@ -10,7 +10,6 @@ Latents are stored and returned *unscaled*: the training config multiplies them 
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from tread.data.folder import load_npz_images, read_images, scan_image_folder
 from tread.errors import ConfigError, DataError
+from tread.paths import atomic_open
 
 __all__ = [
     "EncodeResult",
@@ -262,14 +262,10 @@ def _image_batches(
 
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """Write to a hidden temporary file beside ``path``, then rename over it."""
+    """Write ``path`` in one step (a temporary file beside it, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    try:
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path) as handle:
+        np.savez(handle, **arrays)
 
 
 def encode_dataset(

@@ -6,20 +6,16 @@ written here can be read by ADM-style tools and vice versa.
 
 from __future__ import annotations
 
-import os
-import secrets
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 
 from tread.errors import DataError
+from tread.paths import atomic_open
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -134,32 +130,6 @@ class FeatureStats:
     source: str = ""
     moments_net: str = ""
     moments_source: str = ""
-
-
-def temporary_name(path: Path) -> Path:
-    """A hidden sibling of `path` unique to this process and call (pid + random suffix).
-
-    Ranks of one job (or two jobs) that cache the same file never share a temporary name, so
-    one cannot truncate or rename away another's half-written file.
-    """
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-@contextmanager
-def atomic_open(path: str | PathLike[str]) -> Iterator[BinaryIO]:
-    """Open a temporary file for writing; on success it replaces `path` in one ``os.replace``.
-
-    Readers see the old file or the complete new one, never a partial write; on error the
-    temporary file is removed and `path` is untouched.
-    """
-    path = Path(path)
-    tmp = temporary_name(path)
-    try:
-        with open(tmp, "wb") as handle:
-            yield handle
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_stats(stats: FeatureStats, path: str | PathLike[str]) -> Path:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .stats import atomic_open
+from ..paths import atomic_open
 
 # Columns of the markdown table besides mode / weight / FD / cost, as (metric key, header).
 EXTRA_COLUMNS = (("acc", "acc"), ("precision", "P"), ("recall", "R"), ("is_mean", "IS"))
