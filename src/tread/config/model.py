@@ -47,6 +47,12 @@ class RouteConfig:
         run's ``total_steps``)."""
         return total_steps if self.schedule_steps is None else self.schedule_steps
 
+    def final_ratio(self) -> float:
+        """The skip ratio the route trains with at the end: ``ratio_final`` under a schedule."""
+        if self.schedule != "constant" and self.ratio_final is not None:
+            return float(self.ratio_final)
+        return float(self.ratio)
+
     def ratio_at(self, step: int, total_steps: int) -> float:
         """The skip ratio of training step ``step`` (0-based); see :func:`scheduled_ratio`.
 

@@ -21,7 +21,7 @@ from ..routing import Route
 from ..transport.flow import TimeSampling
 from ..transport.types import ObjectiveName
 from .checks import check_at_least_one, check_choice, check_finite, check_positive
-from .model import ModelConfig, RouteConfig
+from .model import ModelConfig
 from .sampling import SampleConfig
 
 if TYPE_CHECKING:
@@ -239,13 +239,6 @@ class TrainConfig:
         return self.finetune_from is not None and step >= self.finetune_from
 
 
-def _final_ratio(route: RouteConfig) -> float:
-    """The skip ratio a route trains with at the end: ``ratio_final`` under a schedule."""
-    scheduled = getattr(route, "schedule", "constant") != "constant"
-    final = getattr(route, "ratio_final", None)
-    return float(final) if scheduled and final is not None else float(route.ratio)
-
-
 @dataclass
 class Config:
     """Everything a run needs; saved resolved in the run directory and in every checkpoint."""
@@ -284,7 +277,7 @@ class Config:
         :meth:`SampleConfig.sparse_guidance`; the default weak ratio is the one a route trains
         with at the end of its schedule."""
         training = [
-            Route(r.start, r.end, _final_ratio(r)) for r in self.model.routes
+            Route(r.start, r.end, r.final_ratio()) for r in self.model.routes
         ]  # validated by ModelConfig already
         return self.sample.sparse_guidance(training, self.depth())
 
