@@ -1,9 +1,13 @@
-"""Analytic cost model: forward FLOPs of a DiT-style backbone under a route list.
+"""Analytic cost model: forward FLOPs of a registry backbone under a route list.
 
 FLOPs count multiply-adds as 2 (the convention of ``torch.utils.flop_counter``) and only the
 matrix products (linears, the patch convolution, attention scores and values); element-wise
-work is ignored, as it is in the counter. A training step (forward + backward) costs about
-3x the forward, so the ideal training speed-up of a route list is dense / routed forward FLOPs.
+work is ignored, as it is in the counter, except where a backbone's main work is element-wise
+(the selective scan of Mamba, the WKV of RWKV): those configs count it and say how in their
+``block_flops``. Each backbone config prices its own embed, block and head
+(:class:`tread.models.backbone.ArchConfig`); this module adds them up under the routes. A
+training step (forward + backward) costs about 3x the forward, so the ideal training speed-up
+of a route list is dense / routed forward FLOPs.
 """
 
 from __future__ import annotations
@@ -13,20 +17,19 @@ from typing import Any
 
 from torch import nn
 
-from .models.backbone import unwrap
-from .models.dit import DiTConfig
+from .models.backbone import ArchConfig, unwrap
 from .models.registry import MODEL_CONFIGS
 from .routing import Route, resolve_routes
 
 # What the cost model can price: a built tread backbone, its config, or a registry name.
-ModelLike = nn.Module | DiTConfig | str
+ModelLike = nn.Module | ArchConfig | str
 # A route as a tread.Route or as a plain (start, end, ratio) tuple.
 RouteLike = Route | tuple[int, int, float]
 
 
-def _config_of(model: Any) -> DiTConfig:
-    """The DiTConfig of a built tread model (through DDP/compile wrappers), a config or a name."""
-    if isinstance(model, DiTConfig):
+def _config_of(model: Any) -> ArchConfig:
+    """The config of a built tread model (through DDP/compile wrappers), a config or a name."""
+    if isinstance(model, ArchConfig):
         return model
     if isinstance(model, str):
         if model not in MODEL_CONFIGS:
@@ -37,12 +40,12 @@ def _config_of(model: Any) -> DiTConfig:
         return MODEL_CONFIGS[model]
     inner = unwrap(model) if isinstance(model, nn.Module) else model
     config = getattr(inner, "config", None)
-    if not isinstance(config, DiTConfig):
+    if not isinstance(config, ArchConfig):
         raise ValueError(
-            f"the cost model prices tread DiT backbones only, got {type(model).__name__}: pass a "
-            "model from tread.build_model(...), a tread.models.DiTConfig or a registry name such "
-            "as 'DiT-B/2'; for another block stack, count its FLOPs with "
-            "torch.utils.flop_counter.FlopCounterMode"
+            f"the cost model prices tread registry backbones only, got {type(model).__name__}: "
+            "pass a model from tread.build_model(...), its .config or a registry name such as "
+            "'DiT-B/2'; for another block stack, give its config the ArchConfig FLOP methods "
+            "(docs/backbones.md) or count with torch.utils.flop_counter.FlopCounterMode"
         )
     return config
 
@@ -64,26 +67,18 @@ def _as_routes(routes: Sequence[RouteLike]) -> list[Route]:
     return result
 
 
-def block_flops(config: DiTConfig, num_tokens: int) -> int:
-    """Forward FLOPs of one DiT block on ``num_tokens`` tokens of one sample."""
-    D, n = config.width, num_tokens
-    linear = 2 * n * D * (3 * D + D + 2 * config.mlp_hidden)  # qkv, proj, fc1, fc2
-    attention = 2 * 2 * n * n * D  # scores Q K^T and weighted values, over all heads
-    modulation = 2 * D * 6 * D  # adaLN: one (D -> 6D) linear per sample
-    return linear + attention + modulation
-
-
 def forward_flops(
     model: ModelLike,
     routes: Sequence[RouteLike] = (),
     *,
     batch: int = 1,
 ) -> int:
-    """Forward FLOPs of a DiT-style model for ``batch`` inputs at its configured input size.
+    """Forward FLOPs of a registry backbone for ``batch`` inputs at its configured input size.
 
     Args:
-        model: a built tread model (``model.config``, also inside DDP or ``torch.compile``), a
-            :class:`DiTConfig` or a registry name such as ``"DiT-B/2"``.
+        model: a built tread model (``model.config``, also inside DDP or ``torch.compile``), its
+            config (a :class:`~tread.models.backbone.ArchConfig`) or a registry name such as
+            ``"DiT-B/2"``.
         routes: routes applied in this forward pass, as :class:`Route` or (start, end, ratio)
             tuples (negative indices allowed).
         batch: number of samples.
@@ -96,23 +91,21 @@ def forward_flops(
             needed; or an invalid route.
     """
     config = _config_of(model)
-    N, D, p = config.num_tokens, config.width, config.patch_size
+    N = config.num_tokens
     tokens_at = [N] * config.depth
     for route in resolve_routes(_as_routes(routes), config.depth):
         for index in range(route.start, route.end + 1):
             tokens_at[index] = route.num_kept(N)
-    embed = 2 * N * config.in_channels * p * p * D + 2 * (256 * D + D * D)
-    head = 2 * D * 2 * D + 2 * N * D * p * p * config.out_channels
-    blocks = sum(block_flops(config, n) for n in tokens_at)
-    return batch * (embed + blocks + head)
+    blocks = sum(config.block_flops(n) for n in tokens_at)
+    return batch * (config.embed_flops() + blocks + config.head_flops())
 
 
 def ideal_speedup(model: ModelLike, routes: Sequence[RouteLike]) -> float:
     """Ideal training-step speed-up of ``routes`` over the dense model: dense / routed FLOPs.
 
     Args:
-        model: as for :func:`forward_flops`: a built tread model, a :class:`DiTConfig` or a
-            registry name.
+        model: as for :func:`forward_flops`: a built tread model, its config or a registry
+            name.
         routes: :class:`Route` objects or (start, end, ratio) tuples.
 
     Returns:

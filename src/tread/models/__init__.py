@@ -1,7 +1,7 @@
-"""Backbones: DiT/SiT with TREAD routing through one shared block loop."""
+"""Backbones (DiT/SiT, and every other registered family) routed through one shared block loop."""
 
-from .backbone import RoutableBackbone
+from .backbone import ArchConfig, RoutableBackbone
 from .dit import DiT, DiTBlock, DiTConfig
 from .registry import MODEL_CONFIGS, build_model
 
-__all__ = ["DiT", "DiTBlock", "DiTConfig", "MODEL_CONFIGS", "RoutableBackbone", "build_model"]
+__all__ = ["ArchConfig", "DiT", "DiTBlock", "DiTConfig", "MODEL_CONFIGS", "RoutableBackbone", "build_model"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,67 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+class ArchConfig:
+    """What every registry backbone's (frozen dataclass) config provides, beyond its fields.
+
+    Fields every config has: ``depth``, ``width``, ``patch_size``, ``input_size``,
+    ``in_channels``, ``num_classes``, ``learn_sigma``; anything else (``heads``, ``mlp_ratio``,
+    ``d_state``, ...) is the family's own. ``__post_init__`` validates the values and raises
+    ``ValueError`` naming the field. The cost model (:mod:`tread.cost`) prices a forward pass as
+    ``embed_flops() + sum(block_flops(n) for each block's token count) + head_flops()``.
+    """
+
+    family: ClassVar[str] = ""  # registry prefix, e.g. "DiT", "LightningDiT", "Mamba"
+
+    depth: int
+    width: int
+    patch_size: int
+    input_size: int
+    in_channels: int
+    num_classes: int
+    learn_sigma: bool
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def grid(self) -> int:
+        """Tokens per side: input_size / patch_size."""
+        return self.input_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2
+
+    def describe(self) -> str:
+        """The size in words for the config header, e.g. ``depth 8, width 128, 4 heads``."""
+        return f"depth {self.depth}, width {self.width}"
+
+    def build(
+        self,
+        routes: Sequence[Route] = (),
+        *,
+        keep_order: bool = False,
+        fp32_after_reinsert: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> RoutableBackbone:
+        """The backbone with these hyper-parameters (``generator`` seeds the initial weights)."""
+        raise NotImplementedError
+
+    def embed_flops(self) -> int:
+        """Forward FLOPs (2 per multiply-add) of ``embed`` for one sample."""
+        raise NotImplementedError
+
+    def block_flops(self, num_tokens: int) -> int:
+        """Forward FLOPs of one block on ``num_tokens`` tokens of one sample."""
+        raise NotImplementedError
+
+    def head_flops(self) -> int:
+        """Forward FLOPs of ``head`` for one sample."""
+        raise NotImplementedError
+
+
 class RoutableBackbone(nn.Module):
     """Base class of every backbone; subclasses implement ``embed`` and ``head``.
 
@@ -36,6 +97,9 @@ class RoutableBackbone(nn.Module):
     """
 
     blocks: nn.ModuleList
+    # Scan backbones (Mamba, RWKV) read their tokens as an ordered sequence: routing must keep
+    # the kept tokens in their original relative order, whatever ``keep_order`` says.
+    scan_order: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -47,7 +111,7 @@ class RoutableBackbone(nn.Module):
     ) -> None:
         super().__init__()
         self.routes = resolve_routes(tuple(routes), depth)  # fails at build time if invalid
-        self.keep_order = keep_order
+        self.keep_order = keep_order or self.scan_order
         self.fp32_after_reinsert = fp32_after_reinsert
 
     @property

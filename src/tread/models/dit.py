@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..routing import Route
-from .backbone import RoutableBackbone
+from .backbone import ArchConfig, RoutableBackbone
 from .layers import (
     Attention,
     FinalLayer,
@@ -17,6 +18,8 @@ from .layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
+    embed_flops,
+    final_layer_flops,
     modulate,
     sincos_2d,
     unpatchify,
@@ -24,8 +27,10 @@ from .layers import (
 
 
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(ArchConfig):
     """Architecture hyper-parameters of a DiT (the registry's values follow the DiT paper)."""
+
+    family: ClassVar[str] = "DiT"
 
     depth: int
     width: int
@@ -53,16 +58,40 @@ class DiTConfig:
             raise ValueError(f"width must be divisible by 4, got {self.width}")
 
     @property
-    def out_channels(self) -> int:
-        return 2 * self.in_channels if self.learn_sigma else self.in_channels
-
-    @property
-    def num_tokens(self) -> int:
-        return (self.input_size // self.patch_size) ** 2
-
-    @property
     def mlp_hidden(self) -> int:
         return int(self.width * self.mlp_ratio)
+
+    def describe(self) -> str:
+        return f"depth {self.depth}, width {self.width}, {self.heads} heads"
+
+    def build(
+        self,
+        routes: Sequence[Route] = (),
+        *,
+        keep_order: bool = False,
+        fp32_after_reinsert: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> DiT:
+        return DiT(
+            self,
+            routes,
+            keep_order=keep_order,
+            fp32_after_reinsert=fp32_after_reinsert,
+            generator=generator,
+        )
+
+    def embed_flops(self) -> int:
+        return embed_flops(self.num_tokens, self.in_channels, self.patch_size, self.width)
+
+    def block_flops(self, num_tokens: int) -> int:
+        D, n = self.width, num_tokens
+        linear = 2 * n * D * (3 * D + D + 2 * self.mlp_hidden)  # qkv, proj, fc1, fc2
+        attention = 2 * 2 * n * n * D  # scores Q K^T and weighted values, over all heads
+        modulation = 2 * D * 6 * D  # adaLN: one (D -> 6D) linear per sample
+        return linear + attention + modulation
+
+    def head_flops(self) -> int:
+        return final_layer_flops(self.num_tokens, self.width, self.patch_size, self.out_channels)
 
 
 class DiTBlock(nn.Module):

@@ -139,3 +139,16 @@ def unpatchify(x: Tensor, patch_size: int, channels: int) -> Tensor:
     x = x.view(B, grid, grid, p, p, channels)  # (B, h, w, p, p, C)
     x = x.permute(0, 5, 1, 3, 2, 4)  # -> (B, C, h, p, w, p)
     return x.reshape(B, channels, grid * p, grid * p)  # -> (B, C, H, W)
+
+
+def embed_flops(num_tokens: int, in_channels: int, patch_size: int, width: int) -> int:
+    """Forward FLOPs of the DiT-style embed for one sample: the patch projection plus the
+    timestep MLP (256 -> D -> D); label lookup and position adds are free."""
+    patch = 2 * num_tokens * in_channels * patch_size * patch_size * width
+    return patch + 2 * (256 * width + width * width)
+
+
+def final_layer_flops(num_tokens: int, width: int, patch_size: int, out_channels: int) -> int:
+    """Forward FLOPs of :class:`FinalLayer` for one sample: adaLN (D -> 2D) and the output
+    linear."""
+    return 2 * width * 2 * width + 2 * num_tokens * width * patch_size * patch_size * out_channels
