@@ -22,7 +22,6 @@ from tread.compare import (
     noise_seeds,
     plan_intervals,
     probe_step_rate,
-    resolved_depth,
     summarize,
     time_to_reach,
     write_outputs,
@@ -255,7 +254,7 @@ def test_probe_step_rate_writes_nothing(tmp_path, monkeypatch):
 
 def test_depth_from_the_registry_when_the_preset_leaves_it_unset(tmp_path):
     config = load_config("digits_tread", ["model.depth=null"])  # DiT-S/2: depth 12
-    assert resolved_depth(config) == 12
+    assert config.depth() == 12
     runs = two_runs(tmp_path, overrides=("model.depth=null", "model.routes.0.end=-4"))
     assert summarize(runs, budget="x")["routes"] == "r(1→8, 0.5)"
 

@@ -16,8 +16,10 @@ from conftest import tiny_dit
 PAPER_PARAMS_M = {"S": 33.0, "B": 130.0, "L": 458.0, "XL": 675.0}
 
 
-@pytest.mark.parametrize("name", sorted(tread.MODEL_CONFIGS))
-def test_every_registry_entry_builds_with_paper_size(name):
+@pytest.mark.parametrize(
+    "name", sorted(n for n in tread.MODEL_CONFIGS if n.startswith(("DiT-", "SiT-")))
+)
+def test_every_dit_registry_entry_builds_with_paper_size(name):
     size, patch = name.split("-")[1].split("/")
     device = "cpu" if size == "S" else "meta"  # large ones on meta: no memory, no init time
     with torch.device(device):

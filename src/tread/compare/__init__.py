@@ -57,7 +57,6 @@ from .summary import (
     json_safe,
     noise_seeds,
     plus_minus,
-    resolved_depth,
     summarize,
     time_to_reach,
 )
@@ -89,7 +88,6 @@ __all__ = [
     "plus_minus",
     "probe_step_rate",
     "reach_sentence",
-    "resolved_depth",
     "speedup_sentence",
     "summarize",
     "time_to_reach",

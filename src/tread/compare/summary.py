@@ -152,7 +152,7 @@ def summarize(
     config = load_config(runs["tread"] / "config.yaml")  # as trained: real sample count etc.
     summary: dict[str, Any] = {
         "budget": budget,
-        "routes": describe_routes(config.routes(), resolved_depth(config)),
+        "routes": describe_routes(config.routes(), config.depth()),
         "eval": {
             "every": config.eval.every,
             "chosen": eval_note,
@@ -241,13 +241,6 @@ def conclude(summary: dict[str, Any]) -> dict[str, str]:
         )
         return {"verdict": winner, "text": text}
     return {"verdict": "inconclusive", "text": f"Inconclusive: {reason}. {band}"}
-
-
-def resolved_depth(config: Config) -> int:
-    """The model's depth: the config's override, else the registry's for ``model.name``."""
-    from ..models import MODEL_CONFIGS
-
-    return config.model.depth or MODEL_CONFIGS[config.model.name].depth
 
 
 def _ideal_speedup(config: Config) -> float:

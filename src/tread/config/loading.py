@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError
 from ..routing import describe_routes
-from .model import RouteConfig
+from .model import ARCH_KEYS, RouteConfig
 from .schema import Config, inactive_objective_keys
 
 PRESET_DIR = Path(__file__).parent.parent / "configs"
@@ -170,6 +170,10 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     objective's, and those of features that are off (route schedules, sparse guidance, the
     dense fine-tune phase)."""
     data = dataclasses.asdict(config)
+    family_keys = config.model.family_keys()
+    for key in ARCH_KEYS:  # keys the backbone family does not have (a Mamba's heads)
+        if key not in family_keys:
+            data["model"].pop(key)
     for key in inactive_objective_keys(config.objective.name):
         data["objective"].pop(key, None)
     for route in data["model"]["routes"]:
@@ -194,10 +198,7 @@ def describe_resolved(config: Config) -> str:
     The token count needs ``model.input_size`` (known once the data is loaded).
     """
     arch = config.model.architecture()
-    parts = [
-        f"{config.model.name} registry entry with depth {arch['depth']}, width {arch['width']}, "
-        f"{arch['heads']} heads"
-    ]
+    parts = [f"{config.model.name} registry entry with {config.model.describe_architecture()}"]
     if config.model.input_size is not None:
         side = config.model.input_size // arch["patch_size"]
         parts.append(f"tokens: {side * side} ({side}x{side}, patch {arch['patch_size']})")

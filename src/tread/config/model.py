@@ -13,8 +13,11 @@ from ..routing import Route
 from ..routing.schedule import RATIO_SCHEDULES, scheduled_ratio
 from .checks import check_at_least_one, check_choice, check_positive
 
-# The architecture fields a registry entry provides when the config leaves them None.
-ARCH_KEYS = ("depth", "width", "heads", "patch_size", "mlp_ratio")
+# The architecture fields a registry entry provides when the config leaves them None. Each
+# family has its own subset (a Mamba has no heads, a DiT no d_state): see ModelConfig.
+ARCH_KEYS = ("depth", "width", "heads", "patch_size", "mlp_ratio", "d_state", "expand", "scan")
+# The input fields every family has; None = from the dataset.
+_SHAPE_KEYS = ("input_size", "in_channels", "num_classes")
 
 
 @dataclass
@@ -125,7 +128,11 @@ def _check_routes(routes: Sequence[RouteConfig], depth: int, model: str) -> None
 
 @dataclass
 class ModelConfig:
-    """Backbone: a registry name plus optional architecture overrides."""
+    """Backbone: a registry name plus optional architecture overrides.
+
+    Architecture keys left None take the registry entry's value. A key the entry's family does
+    not have (``heads`` on a Mamba, ``d_state`` on a DiT) must stay None.
+    """
 
     name: str = "DiT-S/2"
     # Input shape and classes: None = taken from the dataset (filled in the saved config).
@@ -135,24 +142,35 @@ class ModelConfig:
     # Architecture: None = the registry entry's value (filled in the saved config).
     depth: int | None = None
     width: int | None = None
-    heads: int | None = None
+    heads: int | None = None  # attention heads (DiT, LightningDiT; RWKV's WKV heads)
     patch_size: int | None = None
-    mlp_ratio: float | None = None
+    mlp_ratio: float | None = None  # MLP / channel-mix hidden width over width
+    d_state: int | None = None  # Mamba: SSM state size per channel
+    expand: int | None = None  # Mamba: inner width over width
+    scan: str | None = None  # Mamba: scan order, "bidirectional" or "zigzag"
     learn_sigma: bool = False
     routes: list[RouteConfig] = field(default_factory=list)
-    keep_order: bool = False
+    keep_order: bool = False  # scan backbones (Mamba, RWKV) always keep order
     fp32_after_reinsert: bool = False
 
     def __post_init__(self) -> None:
         from ..models import MODEL_CONFIGS
 
         check_choice("model", "name", self.name, list(MODEL_CONFIGS))
-        for key in ("input_size", "in_channels", "num_classes", *ARCH_KEYS[:-1]):
+        ints = (*_SHAPE_KEYS, "depth", "width", "heads", "patch_size", "d_state", "expand")
+        for key in ints:
             check_at_least_one("model", key, getattr(self, key))
         if self.mlp_ratio is not None:
             check_positive("model", "mlp_ratio", self.mlp_ratio)
+        family_keys = self.family_keys()
+        for key in ARCH_KEYS:
+            if getattr(self, key) is not None and key not in family_keys:
+                raise ConfigError(
+                    f"model.{key}={getattr(self, key)!r}: {self.name} has no {key} (its "
+                    f"architecture keys: {', '.join(k for k in ARCH_KEYS if k in family_keys)})"
+                )
         arch = self.architecture()
-        if arch["width"] % arch["heads"]:
+        if "heads" in arch and arch["width"] % arch["heads"]:
             raise ConfigError(
                 f"model.width={arch['width']} is not divisible by model.heads={arch['heads']}"
             )
@@ -163,17 +181,44 @@ class ModelConfig:
                 f"model.input_size={self.input_size} is not divisible by "
                 f"model.patch_size={arch['patch_size']}"
             )
+        self._check_with_family(arch)
         _check_routes(self.routes, arch["depth"], self.name)
 
+    def family_keys(self) -> set[str]:
+        """The architecture keys the registry entry's family has."""
+        from ..models import MODEL_CONFIGS
+
+        entry = MODEL_CONFIGS[self.name]
+        return {f.name for f in dataclasses.fields(entry)} & set(ARCH_KEYS)  # type: ignore[arg-type]
+
+    def _check_with_family(self, arch: dict[str, Any]) -> None:
+        """Let the family's own config check the combination (e.g. RoPE's head-width rule)."""
+        from ..models import MODEL_CONFIGS
+
+        shape = {k: getattr(self, k) for k in _SHAPE_KEYS if getattr(self, k) is not None}
+        shape.setdefault("input_size", arch["patch_size"])  # unknown until the data is read
+        try:
+            dataclasses.replace(MODEL_CONFIGS[self.name], **arch, **shape)  # type: ignore[type-var]
+        except ValueError as err:
+            raise ConfigError(f"model ({self.name}): {err}") from None
+
     def architecture(self) -> dict[str, Any]:
-        """depth, width, heads, patch_size, mlp_ratio: the config's values, else the registry's."""
+        """The family's architecture keys: the config's values, else the registry entry's."""
         from ..models import MODEL_CONFIGS
 
         entry = MODEL_CONFIGS[self.name]
         return {
             key: getattr(entry, key) if getattr(self, key) is None else getattr(self, key)
             for key in ARCH_KEYS
+            if key in self.family_keys()
         }
+
+    def describe_architecture(self) -> str:
+        """The resolved size in words, e.g. ``depth 8, width 128, 4 heads`` (the family's own
+        :meth:`~tread.models.backbone.ArchConfig.describe`)."""
+        from ..models import MODEL_CONFIGS
+
+        return dataclasses.replace(MODEL_CONFIGS[self.name], **self.architecture()).describe()
 
     def with_architecture(self) -> ModelConfig:
         """This config with every architecture field filled in (the registry's where None)."""
@@ -181,7 +226,7 @@ class ModelConfig:
 
     def overrides(self) -> dict[str, Any]:
         """Architecture fields set in the config (the rest come from the registry)."""
-        keys = ("input_size", "in_channels", "num_classes", *ARCH_KEYS)
+        keys = (*_SHAPE_KEYS, *ARCH_KEYS)
         out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         out["learn_sigma"] = self.learn_sigma
         return out

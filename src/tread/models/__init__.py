@@ -4,4 +4,12 @@ from .backbone import ArchConfig, RoutableBackbone
 from .dit import DiT, DiTBlock, DiTConfig
 from .registry import MODEL_CONFIGS, build_model
 
-__all__ = ["ArchConfig", "DiT", "DiTBlock", "DiTConfig", "MODEL_CONFIGS", "RoutableBackbone", "build_model"]
+__all__ = [
+    "ArchConfig",
+    "DiT",
+    "DiTBlock",
+    "DiTConfig",
+    "MODEL_CONFIGS",
+    "RoutableBackbone",
+    "build_model",
+]
