@@ -2,6 +2,7 @@
 
 from .backbone import ArchConfig, RoutableBackbone
 from .dit import DiT, DiTBlock, DiTConfig
+from .lightning import LightningDiT, LightningDiTConfig
 from .registry import MODEL_CONFIGS, build_model
 
 __all__ = [
@@ -9,6 +10,8 @@ __all__ = [
     "DiT",
     "DiTBlock",
     "DiTConfig",
+    "LightningDiT",
+    "LightningDiTConfig",
     "MODEL_CONFIGS",
     "RoutableBackbone",
     "build_model",
