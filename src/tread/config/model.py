@@ -142,7 +142,7 @@ class ModelConfig:
     # Architecture: None = the registry entry's value (filled in the saved config).
     depth: int | None = None
     width: int | None = None
-    heads: int | None = None  # attention heads (DiT, LightningDiT; RWKV's WKV heads)
+    heads: int | None = None  # attention heads (DiT, LightningDiT)
     patch_size: int | None = None
     mlp_ratio: float | None = None  # MLP / channel-mix hidden width over width
     d_state: int | None = None  # Mamba: SSM state size per channel

@@ -4,6 +4,7 @@ from .backbone import ArchConfig, RoutableBackbone
 from .dit import DiT, DiTBlock, DiTConfig
 from .lightning import LightningDiT, LightningDiTConfig
 from .registry import MODEL_CONFIGS, build_model
+from .rwkv import RWKV, RWKVConfig
 
 __all__ = [
     "ArchConfig",
@@ -14,5 +15,7 @@ __all__ = [
     "LightningDiTConfig",
     "MODEL_CONFIGS",
     "RoutableBackbone",
+    "RWKV",
+    "RWKVConfig",
     "build_model",
 ]
