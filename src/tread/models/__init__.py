@@ -3,6 +3,7 @@
 from .backbone import ArchConfig, RoutableBackbone
 from .dit import DiT, DiTBlock, DiTConfig
 from .lightning import LightningDiT, LightningDiTConfig
+from .mamba import Mamba, MambaConfig
 from .registry import MODEL_CONFIGS, build_model
 from .rwkv import RWKV, RWKVConfig
 
@@ -13,6 +14,8 @@ __all__ = [
     "DiTConfig",
     "LightningDiT",
     "LightningDiTConfig",
+    "Mamba",
+    "MambaConfig",
     "MODEL_CONFIGS",
     "RoutableBackbone",
     "RWKV",

@@ -9,6 +9,7 @@ from typing import Any
 from .backbone import ArchConfig, RoutableBackbone
 from .dit import DiTConfig
 from .lightning import registry_entries as _lightning_entries
+from .mamba import registry_entries as _mamba_entries
 from .rwkv import registry_entries as _rwkv_entries
 
 # (depth, width, heads) per size, DiT paper Table 1.
@@ -26,7 +27,12 @@ def _dit_entries() -> dict[str, ArchConfig]:
     }
 
 
-MODEL_CONFIGS: dict[str, ArchConfig] = {**_dit_entries(), **_lightning_entries(), **_rwkv_entries()}
+MODEL_CONFIGS: dict[str, ArchConfig] = {
+    **_dit_entries(),
+    **_lightning_entries(),
+    **_mamba_entries(),
+    **_rwkv_entries(),
+}
 
 _BUILD_OPTIONS = ("routes", "keep_order", "fp32_after_reinsert", "generator")
 
