@@ -28,6 +28,8 @@ from tread.train.builders import build_from_config
 
 # Exact counts at 32x32x4 inputs, 1000 classes, learn_sigma False (LightningDiT's), QK-norm on.
 PARAMS = {
+    "LightningDiT-S/1": 32_866_948,
+    "LightningDiT-S/2": 32_876_176,
     "LightningDiT-B/1": 130_318_084,
     "LightningDiT-B/2": 130_336_528,
     "LightningDiT-L/1": 457_836_516,
@@ -35,10 +37,10 @@ PARAMS = {
     "LightningDiT-XL/1": 674_901_316,
     "LightningDiT-XL/2": 674_928_976,
 }
-# Published sizes in millions: LightningDiT-XL 675M (LightningDiT paper; TREAD Table 2); B and L
-# have no LightningDiT figure, so DiT's (DiT paper Table 4): SwiGLU at 2/3 of the 4x hidden
-# width keeps the MLP's parameter count.
-PUBLISHED_M = {"B": 130.0, "L": 458.0, "XL": 675.0}
+# Published sizes in millions: LightningDiT-XL 675M (LightningDiT paper; TREAD Table 2). S, B
+# and L have no LightningDiT figure (S is ours, for benchmarks beside DiT-S/2), so DiT's (DiT
+# paper Table 4): SwiGLU at 2/3 of the 4x hidden width keeps the MLP's parameter count.
+PUBLISHED_M = {"S": 33.0, "B": 130.0, "L": 458.0, "XL": 675.0}
 
 
 def tiny(routes=(), **overrides) -> LightningDiT:
@@ -66,7 +68,12 @@ def test_registry_names_and_sizes():
     assert set(entries) == set(PARAMS)
     for name, config in entries.items():
         size = name.split("-")[1].split("/")[0]
-        depth, width, heads = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}[size]
+        depth, width, heads = {
+            "S": (12, 384, 6),
+            "B": (12, 768, 12),
+            "L": (24, 1024, 16),
+            "XL": (28, 1152, 16),
+        }[size]
         assert (config.depth, config.width, config.heads) == (depth, width, heads)
         assert config.family == "LightningDiT" and config.learn_sigma is False
         # LightningDiT's SwiGLU width: int(2/3 * int(mlp_ratio * width)), no rounding.

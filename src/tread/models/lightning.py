@@ -56,11 +56,11 @@ from .layers import (
 )
 
 # (depth, width, heads) per size, as DiT's B / L / XL (LightningDiT reuses DiT's sizes).
-_SIZES = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 
 
 def registry_entries() -> dict[str, LightningDiTConfig]:
-    """The registry's LightningDiT sizes: ``LightningDiT-{B,L,XL}/{1,2}``.
+    """The registry's LightningDiT sizes: ``LightningDiT-{S,B,L,XL}/{1,2}``.
 
     Returns:
         name -> config at the library defaults (32x32x4 inputs, 1000 classes).
