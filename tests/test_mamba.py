@@ -135,7 +135,7 @@ def test_presets_load_with_the_mamba_entries(with_mamba_registry, preset):
     arch = config.model.architecture()
     assert config.model.name == "Mamba-S/2"
     assert (arch["depth"], arch["width"], arch["patch_size"]) == (8, 128, 1)
-    assert arch["scan"] == "bidirectional" and "heads" not in arch
+    assert arch["scan"] == "zigzag" and "heads" not in arch
     routes = config.routes()
     if preset == "digits_mamba":
         assert routes == [] and config.train.run_dir.endswith("digits_mamba")
@@ -145,8 +145,8 @@ def test_presets_load_with_the_mamba_entries(with_mamba_registry, preset):
 
 
 def test_preset_overrides_follow_the_family(with_mamba_registry):
-    config = load_config("digits_mamba", ["model.scan=zigzag", "model.d_state=4"])
-    assert config.model.architecture()["scan"] == "zigzag"
+    config = load_config("digits_mamba", ["model.scan=bidirectional", "model.d_state=4"])
+    assert config.model.architecture()["scan"] == "bidirectional"
     with pytest.raises(ConfigError, match="has no heads"):
         load_config("digits_mamba", ["model.heads=4"])
     with pytest.raises(ConfigError, match="scan must be one of"):
