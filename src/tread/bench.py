@@ -196,9 +196,10 @@ def benchmark_step(
 
 
 def format_table(rows: Sequence[BenchResult]) -> str:
-    """A plain-text table of benchmark rows for the terminal."""
+    """A plain-text table of benchmark rows for the terminal (model column as wide as needed)."""
+    width = max([10, *(len(r.model) for r in rows)])
     header = (
-        f"{'model':<10} {'tok':>4} {'batch':>5} {'prec':>5} {'dense img/s':>11} "
+        f"{'model':<{width}} {'tok':>4} {'batch':>5} {'prec':>5} {'dense img/s':>11} "
         f"{'routed img/s':>12} {'speed-up':>8} {'ideal':>6} {'of ideal':>8} {'mem MB d/r':>13}"
     )
     lines = [header, "-" * len(header)]
@@ -209,7 +210,7 @@ def format_table(rows: Sequence[BenchResult]) -> str:
             else "n/a"
         )
         lines.append(
-            f"{r.model:<10} {r.tokens:>4} {r.batch:>5} {r.precision:>5} "
+            f"{r.model:<{width}} {r.tokens:>4} {r.batch:>5} {r.precision:>5} "
             f"{r.dense.images_per_second:>11.2f} {r.routed.images_per_second:>12.2f} "
             f"{r.speedup:>7.3f}x {r.ideal_speedup:>5.3f}x {100 * r.fraction_of_ideal:>7.1f}% "
             f"{memory:>13}"
