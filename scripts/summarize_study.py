@@ -10,7 +10,7 @@ import json
 import statistics
 from pathlib import Path
 
-from tread.compare import ARMS, eval_points, fmt, plot_fd, resolved_depth
+from tread.compare import ARMS, eval_points, fmt, plot_fd
 from tread.config import load_config
 from tread.routing import describe_routes
 from tread.visual import plot_curves, read_metrics
@@ -29,7 +29,7 @@ def describe(run: Path) -> dict:
     acc = eval_points(run, "acc", "step")
     return {
         "name": run.name,
-        "route": describe_routes(config.routes(), resolved_depth(config)),
+        "route": describe_routes(config.routes(), config.depth()),
         "steps": train_rows[-1]["step"],
         "it_s": statistics.median(r["it_s"] for r in train_rows[1:]),
         "train_min": train_rows[-1]["train_s"] / 60,
