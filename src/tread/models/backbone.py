@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..routing import Route, RoutePlan, resolve_routes, route_blocks
+from .layers import embed_flops, final_layer_flops, unpatchify
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -70,16 +71,17 @@ class ArchConfig:
         raise NotImplementedError
 
     def embed_flops(self) -> int:
-        """Forward FLOPs (2 per multiply-add) of ``embed`` for one sample."""
-        raise NotImplementedError
+        """Forward FLOPs (2 per multiply-add) of ``embed`` for one sample; this default prices
+        DiT's stem (:class:`PatchBackbone`): patch projection and timestep MLP."""
+        return embed_flops(self.num_tokens, self.in_channels, self.patch_size, self.width)
 
     def block_flops(self, num_tokens: int) -> int:
         """Forward FLOPs of one block on ``num_tokens`` tokens of one sample."""
         raise NotImplementedError
 
     def head_flops(self) -> int:
-        """Forward FLOPs of ``head`` for one sample."""
-        raise NotImplementedError
+        """Forward FLOPs of ``head`` for one sample; this default prices DiT's FinalLayer."""
+        return final_layer_flops(self.num_tokens, self.width, self.patch_size, self.out_channels)
 
 
 class RoutableBackbone(nn.Module):
@@ -169,3 +171,34 @@ class RoutableBackbone(nn.Module):
             plans=plans,
         )
         return self.head(tokens, cond)
+
+
+class PatchBackbone(RoutableBackbone):
+    """A backbone over image patches with DiT's stem and head, shared by every registry family.
+
+    Subclasses set ``config`` (an :class:`ArchConfig`) and create ``patch_embed``,
+    ``pos_embed`` (fixed (1, N, D) buffer), ``t_embedder``, ``y_embedder`` and ``final_layer``
+    themselves, in their own registration order (seeded initialisation walks the modules in
+    that order); their ``embed`` starts from :meth:`stem` and adds what their blocks need in
+    ``aux``.
+    """
+
+    config: ArchConfig
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def stem(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Patch tokens with fixed positions added, and the per-sample condition."""
+        tokens = self.patch_embed(x) + self.pos_embed.to(x.dtype)  # (B, N, D)
+        cond = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        return tokens, cond
+
+    def head(self, tokens: Tensor, cond: Tensor) -> Tensor:
+        out = self.final_layer(tokens, cond)  # (B, N, p*p*C_out)
+        return unpatchify(out, self.config.patch_size, self.config.out_channels)

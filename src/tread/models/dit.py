@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..routing import Route
-from .backbone import ArchConfig, RoutableBackbone
+from .backbone import ArchConfig, PatchBackbone
 from .layers import (
     Attention,
     FinalLayer,
@@ -18,11 +18,8 @@ from .layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
-    embed_flops,
-    final_layer_flops,
     modulate,
     sincos_2d,
-    unpatchify,
 )
 
 
@@ -80,18 +77,12 @@ class DiTConfig(ArchConfig):
             generator=generator,
         )
 
-    def embed_flops(self) -> int:
-        return embed_flops(self.num_tokens, self.in_channels, self.patch_size, self.width)
-
     def block_flops(self, num_tokens: int) -> int:
         D, n = self.width, num_tokens
         linear = 2 * n * D * (3 * D + D + 2 * self.mlp_hidden)  # qkv, proj, fc1, fc2
         attention = 2 * 2 * n * n * D  # scores Q K^T and weighted values, over all heads
         modulation = 2 * D * 6 * D  # adaLN: one (D -> 6D) linear per sample
         return linear + attention + modulation
-
-    def head_flops(self) -> int:
-        return final_layer_flops(self.num_tokens, self.width, self.patch_size, self.out_channels)
 
 
 class DiTBlock(nn.Module):
@@ -114,7 +105,7 @@ class DiTBlock(nn.Module):
         return x
 
 
-class DiT(RoutableBackbone):
+class DiT(PatchBackbone):
     """Class-conditional DiT on (B, C, H, W) inputs with TREAD routes over its blocks."""
 
     def __init__(
@@ -146,14 +137,6 @@ class DiT(RoutableBackbone):
         self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
         self.reset_parameters(generator)
 
-    @property
-    def num_tokens(self) -> int:
-        return self.config.num_tokens
-
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
-
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """DiT initialisation: Xavier linears, N(0, 0.02) embedders, zeroed adaLN and output.
 
@@ -180,11 +163,6 @@ class DiT(RoutableBackbone):
             nn.init.zeros_(layer.bias)
 
     def embed(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        tokens = self.patch_embed(x) + self.pos_embed.to(x.dtype)  # (B, N, D)
-        cond = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        tokens, cond = self.stem(x, t, y)  # (B, N, D), (B, D)
         # Positions are already added to the tokens, so gather/scatter needs no side tensors.
         return tokens, cond, {}
-
-    def head(self, tokens: Tensor, cond: Tensor) -> Tensor:
-        out = self.final_layer(tokens, cond)  # (B, N, p*p*C_out)
-        return unpatchify(out, self.config.patch_size, self.config.out_channels)

@@ -43,16 +43,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..routing import Route
-from .backbone import ArchConfig, RoutableBackbone
+from .backbone import ArchConfig, PatchBackbone
 from .layers import (
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
-    embed_flops,
-    final_layer_flops,
     modulate,
     sincos_2d,
-    unpatchify,
 )
 
 # (depth, width, heads) per size, as DiT's B / L / XL (LightningDiT reuses DiT's sizes).
@@ -146,10 +143,6 @@ class LightningDiTConfig(ArchConfig):
             generator=generator,
         )
 
-    def embed_flops(self) -> int:
-        """Patch projection and timestep MLP; positions and RoPE angles are element-wise."""
-        return embed_flops(self.num_tokens, self.in_channels, self.patch_size, self.width)
-
     def block_flops(self, num_tokens: int) -> int:
         """Matrix products of one block on ``num_tokens`` tokens of one sample.
 
@@ -163,9 +156,6 @@ class LightningDiTConfig(ArchConfig):
         attention = 2 * 2 * n * n * D
         modulation = 2 * D * 6 * D
         return linear + attention + modulation
-
-    def head_flops(self) -> int:
-        return final_layer_flops(self.num_tokens, self.width, self.patch_size, self.out_channels)
 
 
 def rope_frequencies(head_dim: int, theta: float, *, device: torch.device | None = None) -> Tensor:
@@ -324,7 +314,7 @@ class LightningFinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class LightningDiT(RoutableBackbone):
+class LightningDiT(PatchBackbone):
     """Class-conditional LightningDiT on (B, C, H, W) inputs with TREAD routes over its blocks."""
 
     def __init__(
@@ -352,14 +342,6 @@ class LightningDiT(RoutableBackbone):
         self.blocks = nn.ModuleList(LightningDiTBlock(config) for _ in range(config.depth))
         self.final_layer = LightningFinalLayer(D, config.patch_size, config.out_channels)
         self.reset_parameters(generator)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.config.num_tokens
-
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """DiT initialisation (Xavier linears, N(0, 0.02) embedders, zeroed adaLN and output)
@@ -401,11 +383,6 @@ class LightningDiT(RoutableBackbone):
         return angles.unsqueeze(0).expand(batch, -1, -1)  # (N, hd/2) -> (B, N, hd/2)
 
     def embed(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        tokens = self.patch_embed(x) + self.pos_embed.to(x.dtype)  # (B, N, D)
-        cond = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        tokens, cond = self.stem(x, t, y)  # (B, N, D), (B, D)
         # Token-aligned: routing gathers the angles with the tokens they belong to.
         return tokens, cond, {"rope": self.rope(x.shape[0], x.device)}
-
-    def head(self, tokens: Tensor, cond: Tensor) -> Tensor:
-        out = self.final_layer(tokens, cond)  # (B, N, p*p*C_out)
-        return unpatchify(out, self.config.patch_size, self.config.out_channels)

@@ -37,17 +37,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..routing import Route
-from .backbone import ArchConfig, RoutableBackbone
+from .backbone import ArchConfig, PatchBackbone
 from .layers import (
     FinalLayer,
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
-    embed_flops,
-    final_layer_flops,
     modulate,
     sincos_2d,
-    unpatchify,
 )
 from .scan import SCANS, grid_positions, scan_orders, selective_scan
 
@@ -120,9 +117,6 @@ class MambaConfig(ArchConfig):
             generator=generator,
         )
 
-    def embed_flops(self) -> int:
-        return embed_flops(self.num_tokens, self.in_channels, self.patch_size, self.width)
-
     def matmul_flops(self, num_tokens: int) -> int:
         """The linear and convolution FLOPs of one block (what a FLOP counter counts).
 
@@ -151,9 +145,6 @@ class MambaConfig(ArchConfig):
     def block_flops(self, num_tokens: int) -> int:
         """Forward FLOPs of one block: :meth:`matmul_flops` + :meth:`scan_flops`."""
         return self.matmul_flops(num_tokens) + self.scan_flops(num_tokens)
-
-    def head_flops(self) -> int:
-        return final_layer_flops(self.num_tokens, self.width, self.patch_size, self.out_channels)
 
 
 class SelectiveSSM(nn.Module):
@@ -245,7 +236,7 @@ class MambaBlock(nn.Module):
         return x + gate.unsqueeze(1) * self.mixer(modulate(self.norm(x), shift, scale), orders)
 
 
-class Mamba(RoutableBackbone):
+class Mamba(PatchBackbone):
     """Class-conditional Mamba on (B, C, H, W) inputs with TREAD routes over its blocks."""
 
     scan_order: ClassVar[bool] = True
@@ -276,14 +267,6 @@ class Mamba(RoutableBackbone):
         self.blocks = nn.ModuleList(MambaBlock(config, index) for index in range(config.depth))
         self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
         self.reset_parameters(generator)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.config.num_tokens
-
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """DiT initialisation for the DiT parts, Mamba's for the SSM; adaLN and output zeroed.
@@ -317,15 +300,10 @@ class Mamba(RoutableBackbone):
             nn.init.zeros_(layer.bias)
 
     def embed(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        tokens = self.patch_embed(x) + self.pos_embed.to(x.dtype)  # (B, N, D)
-        cond = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        tokens, cond = self.stem(x, t, y)  # (B, N, D), (B, D)
         pos = grid_positions(self.config.grid, device=x.device)  # (N, 2)
         # Token-aligned, so routing gathers it with the tokens: (N, 2) -> (B, N, 2)
         return tokens, cond, {"pos": pos.expand(x.shape[0], -1, -1)}
-
-    def head(self, tokens: Tensor, cond: Tensor) -> Tensor:
-        out = self.final_layer(tokens, cond)  # (B, N, p*p*C_out)
-        return unpatchify(out, self.config.patch_size, self.config.out_channels)
 
 
 def _init_ssm(

@@ -38,17 +38,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..routing import Route
-from .backbone import ArchConfig, RoutableBackbone
+from .backbone import ArchConfig, PatchBackbone
 from .layers import (
     FinalLayer,
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
-    embed_flops,
-    final_layer_flops,
     modulate,
     sincos_2d,
-    unpatchify,
 )
 from .wkv import bi_wkv
 
@@ -103,9 +100,6 @@ class RWKVConfig(ArchConfig):
             generator=generator,
         )
 
-    def embed_flops(self) -> int:
-        return embed_flops(self.num_tokens, self.in_channels, self.patch_size, self.width)
-
     def block_flops(self, num_tokens: int) -> int:
         """Forward FLOPs of one block on ``num_tokens`` (T) tokens of one sample.
 
@@ -129,9 +123,6 @@ class RWKVConfig(ArchConfig):
         channel_mix = 2 * n * (2 * D * H + D * D)  # key, value, receptance
         modulation = 2 * D * 6 * D  # adaLN: one (D -> 6D) linear per sample
         return time_mix + wkv + channel_mix + modulation
-
-    def head_flops(self) -> int:
-        return final_layer_flops(self.num_tokens, self.width, self.patch_size, self.out_channels)
 
 
 def token_shift(x: Tensor) -> Tensor:
@@ -253,7 +244,7 @@ def rwkv_channel_init(layer: int, depth: int, width: int) -> dict[str, Tensor]:
     return {name: value.float() for name, value in values.items()}
 
 
-class RWKV(RoutableBackbone):
+class RWKV(PatchBackbone):
     """Class-conditional Diffusion-RWKV on (B, C, H, W) inputs with TREAD routes over its blocks.
 
     A scan backbone: routing keeps the kept tokens in raster order (see the module docstring
@@ -288,14 +279,6 @@ class RWKV(RoutableBackbone):
         self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
         self.reset_parameters(generator)
 
-    @property
-    def num_tokens(self) -> int:
-        return self.config.num_tokens
-
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
-
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """DiT initialisation for the linears and embedders (Xavier, N(0, 0.02), zeroed adaLN
         and output) and Vision-RWKV's deterministic per-channel WKV and shift parameters.
@@ -328,14 +311,9 @@ class RWKV(RoutableBackbone):
             nn.init.zeros_(layer.bias)
 
     def embed(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        tokens = self.patch_embed(x) + self.pos_embed.to(x.dtype)  # (B, N, D), raster order
-        cond = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        tokens, cond = self.stem(x, t, y)  # (B, N, D) in raster order, (B, D)
         # Positions are added to the tokens, so gather/scatter needs no side tensors.
         return tokens, cond, {}
-
-    def head(self, tokens: Tensor, cond: Tensor) -> Tensor:
-        out = self.final_layer(tokens, cond)  # (B, N, p*p*C_out)
-        return unpatchify(out, self.config.patch_size, self.config.out_channels)
 
 
 # Sizes (depth, width) per preset; parameters at 32x32x4 inputs, patch 2, 1000 classes,
