@@ -206,11 +206,11 @@ class ModelConfig:
         """The family's architecture keys: the config's values, else the registry entry's."""
         from ..models import MODEL_CONFIGS
 
-        entry = MODEL_CONFIGS[self.name]
+        entry, family_keys = MODEL_CONFIGS[self.name], self.family_keys()
         return {
             key: getattr(entry, key) if getattr(self, key) is None else getattr(self, key)
             for key in ARCH_KEYS
-            if key in self.family_keys()
+            if key in family_keys
         }
 
     def describe_architecture(self) -> str:
