@@ -266,3 +266,31 @@ def test_describe_routes_resolves_indices_and_names_dense():
     assert describe_routes([], 8) == "dense"
     with pytest.raises(ValueError):
         describe_routes([Route(0, 9, 0.5)], 8)
+
+
+def test_force_keep_tokens_are_always_kept_and_the_rest_is_uniform() -> None:
+    force = torch.zeros(3, 10, dtype=torch.bool)
+    force[0, [2, 7]] = True
+    force[2, :6] = True  # more than K = 4: the whole batch keeps 6
+    counts = torch.zeros(10)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        plan = sample_plan(3, 10, 4, generator=gen, force_keep=force, keep_order=True)
+        keep = plan.keep
+        assert keep.shape == (3, 6)
+        for row in range(3):
+            assert set(force[row].nonzero().flatten().tolist()) <= set(keep[row].tolist())
+            assert keep[row].unique().numel() == 6
+        counts[keep[1]] += 1
+    # Row 1 forces nothing: its 6 of 10 are uniform (each token kept 0.6 of the time).
+    assert torch.allclose(counts / 400, torch.full((10,), 0.6), atol=0.1)
+    with pytest.raises(ValueError, match=r"force_keep must be a \(B, N\) = \(3, 10\) bool mask"):
+        sample_plan(3, 10, 4, force_keep=torch.ones(3, 10))
+
+
+def test_force_keep_does_not_change_the_random_stream() -> None:
+    """Without forced tokens the draw is the plain one: turning the option on is free."""
+    none = torch.zeros(2, 16, dtype=torch.bool)
+    plain = sample_plan(2, 16, 8, generator=torch.Generator().manual_seed(3))
+    forced = sample_plan(2, 16, 8, generator=torch.Generator().manual_seed(3), force_keep=none)
+    assert torch.equal(plain.keep, forced.keep)

@@ -71,6 +71,7 @@ def sample_plan(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     keep_order: bool = False,
+    force_keep: Tensor | None = None,
 ) -> RoutePlan:
     """Draw a fresh uniform random subset of ``num_kept`` tokens per sample.
 
@@ -83,14 +84,28 @@ def sample_plan(
         device: device of the returned indices.
         keep_order: sort the kept indices so the tokens keep their original (raster) order;
             attention does not care, scan-based backbones (SSMs) do.
+        force_keep: optional (B, N) bool mask of tokens that never skip (e.g. under a loss
+            mask). They are kept first and the rest of the subset is drawn uniformly from the
+            other tokens. The batch shares one K: if a sample forces more than ``num_kept``
+            tokens, every sample keeps that many.
 
     Returns:
-        RoutePlan with keep of shape (B, K).
+        RoutePlan with keep of shape (B, K), K = max(num_kept, most tokens forced in a sample).
     """
     if not 1 <= num_kept <= num_tokens:
         raise ValueError(f"num_kept must be in [1, {num_tokens}], got {num_kept}")
     draw_device = generator.device if generator is not None else device
     noise = torch.rand(batch, num_tokens, generator=generator, device=draw_device)  # (B, N)
+    if force_keep is not None:
+        if force_keep.dtype != torch.bool or tuple(force_keep.shape) != (batch, num_tokens):
+            raise ValueError(
+                f"force_keep must be a (B, N) = ({batch}, {num_tokens}) bool mask, got "
+                f"{force_keep.dtype} of shape {tuple(force_keep.shape)}"
+            )
+        forced = force_keep.to(noise.device)
+        num_kept = max(num_kept, int(forced.sum(dim=1).max()))
+        # noise is in [0, 1): forced tokens move to [-1, 0) and sort before every other token.
+        noise = noise - forced.to(noise.dtype)
     # Any K of a uniform random permutation is a uniform random K-subset.
     keep = noise.argsort(dim=1)[:, :num_kept]  # (B, N) -> (B, K)
     if keep_order:
