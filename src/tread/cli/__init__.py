@@ -1,4 +1,4 @@
-"""Command line: ``tread train | sample | eval | bench | compare | encode-latents``.
+"""Command line: ``tread train | sample | eval | bench | compare | encode-latents | convert``.
 
 One module per subcommand; each has ``register(subparsers)`` (argument wiring) and ``run(args)``
 (calls the library, prints). Errors a user can cause print one line and exit 2.
@@ -13,10 +13,10 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import TreadError
-from . import bench, compare, encode, evaluate, sample, train
+from . import bench, compare, convert, encode, evaluate, sample, train
 from .common import HelpFormatter, set_threads
 
-COMMANDS = (train, sample, evaluate, encode, bench, compare)
+COMMANDS = (train, sample, evaluate, encode, bench, compare, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -54,8 +54,11 @@ def run(args: argparse.Namespace) -> int:
         hook = default_eval_hook(config, info, inception_weights=inception_weights_from_env())
     if args.dry_run:
         from ..train import resolve_run
+        from ..train.setup import check_init_from
 
-        print(config_to_yaml(resolve_run(config)), end="")
+        resolved = resolve_run(config)
+        check_init_from(resolved)  # the source's files fit the model (shapes from headers)
+        print(config_to_yaml(resolved), end="")
         return 0
     from ..train import train
 

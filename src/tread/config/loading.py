@@ -168,7 +168,7 @@ _FINETUNE_KEYS = ("finetune_from", "finetune_lr")  # off: finetune_from None
 def config_to_dict(config: Config) -> dict[str, Any]:
     """Plain dict of a config (for JSON/YAML), without the keys nothing reads: the other
     objective's, and those of features that are off (route schedules, sparse guidance, the
-    dense fine-tune phase)."""
+    dense fine-tune phase, ``train.init_from``)."""
     data = dataclasses.asdict(config)
     family_keys = config.model.family_keys()
     for key in ARCH_KEYS:  # keys the backbone family does not have (a Mamba's heads)
@@ -186,6 +186,8 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     if data["train"]["finetune_from"] is None and data["train"]["finetune_lr"] is None:
         for key in _FINETUNE_KEYS:
             data["train"].pop(key)
+    if data["train"]["init_from"] is None:  # a run from scratch
+        data["train"].pop("init_from")
     return data
 
 

@@ -186,6 +186,11 @@ class TrainConfig:
     keep_last: int = 2
     sample_every: int = 1000
     resume: str = "auto"  # auto | none | path to a checkpoint directory
+    # A NEW run (step 0, fresh optimizer, data stream and schedules) whose model and EMA weights
+    # come from: a checkpoint directory, a run directory (its newest checkpoint) or one
+    # .safetensors file in tread's key layout (model and EMA both). Checked against the model
+    # before anything is written; a resume of the run ignores it (the run's own checkpoint wins).
+    init_from: str | None = None
     tensorboard: bool = False
     num_threads: int | None = None  # CPU threads (None = automatic: the free cores)
     # How long ranks wait for each other in a collective (e.g. while rank 0 scores an
@@ -212,6 +217,13 @@ class TrainConfig:
             check_positive("train", "max_minutes", self.max_minutes)
         check_at_least_one("train", "num_threads", self.num_threads)
         check_positive("train", "dist_timeout_minutes", self.dist_timeout_minutes)
+        # Only the value here: the files are checked when a run starts (and by --dry-run), so
+        # a saved config stays loadable after its source of weights is moved or deleted.
+        if self.init_from is not None and not str(self.init_from).strip():
+            raise ConfigError(
+                "train.init_from must not be empty: a checkpoint or run directory, a "
+                ".safetensors file, or null"
+            )
         self._check_finetune()
 
     def _check_finetune(self) -> None:

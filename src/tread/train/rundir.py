@@ -56,6 +56,9 @@ ALLOWED_CHANGES = frozenset(
         # train.steps). Once it has begun (or would begin in the past) see finetune_locked.
         "train.finetune_from",
         "train.finetune_lr",
+        # Where a run's first weights came from: a resume loads its own checkpoint instead
+        # (setup keeps the run's first value in its config, so this is never a change there).
+        "train.init_from",
     }
 )
 FINETUNE_KEYS = ("train.finetune_from", "train.finetune_lr")
