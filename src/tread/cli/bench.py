@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+from ..integrations.diffusers_configs import DIFFUSERS_CONFIGS
 from .common import HelpFormatter, add_runtime_options, positive_int, resolve_device
+
+if TYPE_CHECKING:
+    from ..routing import Route
+
+DEFAULT_MODELS = ("DiT-S/2", "DiT-B/2")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,16 +22,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="time training steps dense vs routed (images/s, memory, FLOPs, speed-up)",
         description="Full training steps (forward, backward, AdamW), both arms interleaved, "
-        "medians of repeats; the speed-up is shown beside the ideal from the cost model.",
+        "medians of repeats; the speed-up is shown beside the ideal (tread models: from the "
+        "cost model; diffusers models: counted FLOPs of one forward per arm).",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--models", nargs="+", default=["DiT-S/2", "DiT-B/2"], help="registry names")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help=f"registry names (default: {' '.join(DEFAULT_MODELS)}, unless --diffusers is given)",
+    )
+    p.add_argument(
+        "--diffusers",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="diffusers transformers (random init) routed through hooks, by size: "
+        f"{', '.join(DIFFUSERS_CONFIGS)}",
+    )
     p.add_argument(
         "--input-sizes",
         nargs="+",
         type=positive_int,
         default=[32],
-        help="latent sides (32 = 256 tokens at patch 2)",
+        help="latent sides of --models (32 = 256 tokens at patch 2); --diffusers sizes are fixed",
     )
     p.add_argument("--batch", type=positive_int, default=32, help="images per step")
     p.add_argument("--route-start", type=int, default=2, help="first routed block")
@@ -49,40 +70,56 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..bench import benchmark_step, format_table
-    from ..models import MODEL_CONFIGS
+def _route(args: argparse.Namespace, depth: int) -> Route:
+    """The route of the flags, resolved against a model of ``depth`` blocks."""
     from ..routing import Route
+
+    try:
+        return Route(args.route_start, args.route_end, args.ratio).resolve(depth)
+    except ValueError as err:
+        raise ConfigError(f"--route-start/--route-end/--ratio: {err}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import benchmark_diffusers, benchmark_step, format_table
+    from ..models import MODEL_CONFIGS
 
     device = resolve_device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    unknown = [name for name in args.models if name not in MODEL_CONFIGS]
-    if unknown:
-        raise ConfigError(
-            f"--models: unknown model {unknown[0]!r}; known: {', '.join(MODEL_CONFIGS)}"
-        )
+    diffusers = args.diffusers or []
+    default = [] if diffusers else list(DEFAULT_MODELS)  # --diffusers alone: only those
+    models = args.models if args.models is not None else default
+    for flag, names, known in (
+        ("--models", models, MODEL_CONFIGS),
+        ("--diffusers", diffusers, DIFFUSERS_CONFIGS),
+    ):
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ConfigError(f"{flag}: unknown model {unknown[0]!r}; known: {', '.join(known)}")
+    timing = {
+        "batch": args.batch,
+        "device": device,
+        "precision": precision,
+        "compile": args.compile,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "steps_per_repeat": args.steps_per_repeat,
+    }
+    # Every route is resolved (and a bad one refused) before the first benchmark runs.
+    jobs = [
+        (benchmark_step, name, _route(args, MODEL_CONFIGS[name].depth), {"input_size": size})
+        for name in models
+        for size in args.input_sizes
+    ]
+    jobs += [
+        (benchmark_diffusers, name, _route(args, DIFFUSERS_CONFIGS[name].depth), {})
+        for name in diffusers
+    ]
     rows = []
-    for name in args.models:
-        for size in args.input_sizes:
-            depth = MODEL_CONFIGS[name].depth
-            try:
-                route = Route(args.route_start, args.route_end, args.ratio).resolve(depth)
-            except ValueError as err:
-                raise ConfigError(f"--route-start/--route-end/--ratio: {err}") from None
-            result = benchmark_step(
-                name,
-                [route],
-                input_size=size,
-                batch=args.batch,
-                device=device,
-                precision=precision,
-                compile=args.compile,
-                warmup=args.warmup,
-                repeats=args.repeats,
-                steps_per_repeat=args.steps_per_repeat,
-            )
-            rows.append(result)
-            print(format_table([result]).splitlines()[-1], flush=True)
+    for bench, name, route, options in jobs:
+        result = bench(name, [route], **options, **timing)
+        rows.append(result)
+        print(format_table([result]).splitlines()[2], flush=True)
     print()
     print(format_table(rows))
     if args.json:
