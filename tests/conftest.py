@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 import pytest
 import torch
 
@@ -43,3 +46,20 @@ def tiny_inputs():
     t = torch.rand(3, generator=g)
     y = torch.tensor([0, 4, 10])  # 10 = null label
     return x, t, y
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for a gloo process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_train_worker(rank: int, config, port: int) -> None:
+    """``mp.spawn`` target: one rank of a 2-process gloo training run of ``config``."""
+    from tread.train import DistInfo, train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train(config, dist=DistInfo(rank=rank, world_size=2), progress=False)
+    torch.distributed.destroy_process_group()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from contextlib import contextmanager
 
 import pytest
@@ -21,7 +19,7 @@ from tread.train import checkpoint as ckpt
 from tread.train.builders import build_from_config
 from tread.train.setup import start_run
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, ddp_train_worker, free_port
 
 TINY = [
     *TINY_MODEL,
@@ -258,24 +256,11 @@ def test_resume_wins_over_init_from(source, tmp_path, caplog):
     assert cli_main([*args, f"train.init_from={tmp_path / 'nowhere'}"]) == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, config, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    train(config, dist=DistInfo(rank=rank, world_size=2), progress=False)
-    torch.distributed.destroy_process_group()
-
-
 def test_two_processes_start_from_the_same_weights_as_one(source, tmp_path):
     extra = ("train.steps=1", "train.ckpt_every=1", f"train.init_from={source}")
     single = train(tiny_config(tmp_path / "one", *extra), progress=False)
     config = tiny_config(tmp_path / "two", *extra)
-    mp.spawn(_ddp_worker, args=(config, _free_port()), nprocs=2, join=True)
+    mp.spawn(ddp_train_worker, args=(config, free_port()), nprocs=2, join=True)
     double = ckpt.resolve_checkpoint(tmp_path / "two")
     for name in ckpt.WEIGHT_FILES:
         a, b = load_file(str(single.checkpoint / name)), load_file(str(double / name))

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from tread.train import DistInfo, NonFiniteLossError, train
 from tread.train import checkpoint as ckpt
 from tread.train.builders import build_from_config
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, ddp_train_worker, free_port
 
 TINY = [
     *TINY_MODEL,
@@ -143,19 +142,6 @@ def test_missing_data_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, config, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    train(config, dist=DistInfo(rank=rank, world_size=2), progress=False)
-    torch.distributed.destroy_process_group()
-
-
 def _ddp_timed_worker(rank, config, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -169,7 +155,7 @@ def test_two_processes_stop_together_on_a_time_budget(tmp_path):
     """Each rank reads its own clock; the host-side all_true makes them stop at one step."""
     config = tiny_config(tmp_path, "train.steps=100000", "train.max_minutes=0.02")
     out = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_ddp_timed_worker, args=(config, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_ddp_timed_worker, args=(config, free_port(), out), nprocs=2, join=True)
     results = sorted(out.get() for _ in range(2))
     assert results[0][1:] == results[1][1:] and results[0][2] == "time"
     assert ckpt.resolve_checkpoint(tmp_path / "run").name == f"step_{results[0][1]:07d}"
@@ -179,7 +165,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     extra = ("train.steps=3", "train.ckpt_every=3", "data.hflip=true")
     single = train(tiny_config(tmp_path / "one", *extra), progress=False)
     config = tiny_config(tmp_path / "two", *extra)
-    mp.spawn(_ddp_worker, args=(config, _free_port()), nprocs=2, join=True)
+    mp.spawn(ddp_train_worker, args=(config, free_port()), nprocs=2, join=True)
     double = ckpt.resolve_checkpoint(tmp_path / "two" / "run")
     assert double.name == "step_0000003"
     for a, b in zip(weights(single.checkpoint), weights(double), strict=True):
@@ -652,7 +638,7 @@ def test_two_processes_match_one_along_a_schedule_and_across_the_switch(tmp_path
         *FINETUNE,
     )
     single = train(tiny_config(tmp_path / "one", *extra), progress=False)
-    mp.spawn(_ddp_worker, args=(tiny_config(tmp_path / "two", *extra), _free_port()), nprocs=2)
+    mp.spawn(ddp_train_worker, args=(tiny_config(tmp_path / "two", *extra), free_port()), nprocs=2)
     double = ckpt.resolve_checkpoint(tmp_path / "two" / "run")
     for a, b in zip(weights(single.checkpoint), weights(double), strict=True):
         for key in a:
