@@ -7,6 +7,7 @@ at random in train mode, so every forward re-seeds the global RNG first.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -437,3 +438,19 @@ def test_generic_adapter_routes_any_block_list() -> None:
     handle.remove()
     assert handle.last_plans[0].keep.shape == (BATCH, 5)
     assert not torch.allclose(routed, plain, atol=1e-4)
+
+
+def test_a_deep_copy_of_a_routed_model_is_plain(case: Case) -> None:
+    """An EMA made after enable_routing must not share (or silently lose) the original's state."""
+    model = _model(case)
+    inputs = case.inputs()
+    plain = case.run(model, inputs)
+    handle = enable_routing(model, ROUTE)
+    twin = copy.deepcopy(model)
+    assert getattr(twin, "_tread_routing", None) is None
+    assert torch.equal(case.run(twin, inputs), plain)  # train mode, grad on: still dense
+    assert handle.last_plans == []  # the copy's forward did not touch the original's handle
+    routed = case.run(model, inputs)
+    assert len(handle.last_plans) == 1 and not torch.allclose(routed, plain, atol=1e-4)
+    enable_routing(twin, ROUTE).remove()  # the copy can be routed on its own
+    handle.remove()

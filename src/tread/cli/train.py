@@ -54,11 +54,13 @@ def run(args: argparse.Namespace) -> int:
         hook = default_eval_hook(config, info, inception_weights=inception_weights_from_env())
     if args.dry_run:
         from ..train import resolve_run
-        from ..train.setup import check_init_from
+        from ..train.setup import check_batch_split, check_init_from
 
         resolved = resolve_run(config)
+        split = check_batch_split(resolved.train, info.world_size)  # as torchrun would run it
         check_init_from(resolved)  # the source's files fit the model (shapes from headers)
         print(config_to_yaml(resolved), end="")
+        print(f"# {split}")  # a YAML comment: the output stays a loadable config
         return 0
     from ..train import train
 

@@ -173,7 +173,11 @@ class TrainConfig:
 
     run_dir: str = "runs/digits_tread"
     seed: int = 0
-    batch_size: int = 64  # global batch (split across ranks)
+    batch_size: int = 64  # global batch (split across ranks, then into micro-batches)
+    # Micro-batches per optimizer update on each rank (gradient accumulation): each rank
+    # runs batch_size / (ranks * grad_accum) samples at a time; the update is the one of
+    # the whole global batch at once.
+    grad_accum: int = 1
     steps: int = 4000
     max_minutes: float | None = None  # stop (and checkpoint) after this much wall-clock
     class_dropout: float = 0.1
@@ -205,8 +209,13 @@ class TrainConfig:
         if not self.run_dir:
             raise ConfigError("train.run_dir must not be empty")
         check_positive("train", "seed", self.seed, allow_zero=True)
-        for key in ("batch_size", "steps", "log_every", "keep_last"):
+        for key in ("batch_size", "steps", "log_every", "keep_last", "grad_accum"):
             check_positive("train", key, getattr(self, key))
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not divisible by "
+                f"train.grad_accum={self.grad_accum} (equal micro-batches)"
+            )
         for key in ("ckpt_every", "sample_every"):
             check_positive("train", key, getattr(self, key), allow_zero=True)
         if not 0 <= self.class_dropout < 1:

@@ -229,17 +229,20 @@ class RoutingHandle:
 
     # -- hooks --------------------------------------------------------------------------------
 
+    def __deepcopy__(self, memo: dict) -> None:
+        """A deep copy of the routed model (an EMA copy, say) is a plain model: see _Hook."""
+        return None
+
     def _install(self) -> None:
-        self._hooks.append(
-            self.model.register_forward_pre_hook(self._open_forward, with_kwargs=True)
-        )
+        opener = _Hook(self._open_forward)
+        self._hooks.append(self.model.register_forward_pre_hook(opener, with_kwargs=True))
         for index, route in enumerate(self.routes):
             for block_index in range(route.start, route.end + 1):
                 block = self.blocks[block_index]
                 signature = inspect.signature(block.forward)
-                pre = self._make_pre_hook(index, block_index == route.start, signature)
+                pre = _Hook(self._make_pre_hook(index, block_index == route.start, signature))
                 self._hooks.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-            end_hook = self._make_end_hook(index)
+            end_hook = _Hook(self._make_end_hook(index))
             self._hooks.append(self.blocks[route.end].register_forward_hook(end_hook))
         self.model._tread_routing = self
 
@@ -377,6 +380,30 @@ class RoutingHandle:
         keep = plan.keep[0].to(cos.device)  # shared plan: every row is the same (K,)
         rows = torch.cat([torch.arange(num_prefix, device=cos.device), num_prefix + keep])
         values[name] = (cos[rows], sin[rows])  # (P + N, head_dim) -> (P + K, head_dim)
+
+
+class _Hook:
+    """A routing hook as installed on a module.
+
+    ``copy.deepcopy`` of a module copies its hook dicts. The hooks' state lives in the handle of
+    the original model, so a copy would route through the original's plans, or not at all, with
+    no error. A deep copy of a routed model (an EMA made after ``enable_routing``, say) is
+    therefore a plain model: each hook copies to a no-op and the handle to None.
+    """
+
+    def __init__(self, hook: Callable) -> None:
+        self.hook = hook
+
+    def __call__(self, *args: Any) -> Any:
+        return self.hook(*args)
+
+    def __deepcopy__(self, memo: dict) -> Callable:
+        return _no_op
+
+
+def _no_op(*args: Any) -> None:
+    """What a routing hook becomes in a deep copy of the model: nothing."""
+    return None
 
 
 def enable_routing(

@@ -1,9 +1,10 @@
 """The training loop: one function, any backbone, any objective, one or many processes.
 
 Randomness: every per-step draw (label dropout, noise level, noise, token subsets) comes from a
-generator seeded by (seed, step), drawn for the *global* batch and sliced per rank. So a run
-resumed from a checkpoint continues exactly as an uninterrupted one, and N ranks with per-rank
-batch b compute the same update as one process with batch N*b.
+generator seeded by (seed, step), drawn for the *global* batch and sliced per rank, then per
+micro-batch (``train.grad_accum``). So a run resumed from a checkpoint continues exactly as an
+uninterrupted one, and N ranks x A micro-batches of b samples compute the same update as one
+process with batch N*A*b at once (up to float summation order).
 
 Synchronisation: an ordinary step never waits for the device. Its loss and health (finite loss
 and gradient norm) accumulate on the device and are read on sync steps only: log, checkpoint,
@@ -13,6 +14,7 @@ next sync step, before anything from it is saved.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -144,13 +146,18 @@ def _train_step(run: RunState) -> float:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
 
-    def routed_net(x: Tensor, t_: Tensor, y_: Tensor) -> Tensor:
-        return run.net(x, t_, y_, routes=routes, plans=plans or None)
-
-    bf16 = _precision(config.train, run.device) == "bf16"
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = run.objective.loss_at(routed_net, x0, y, t, noise.to(x0.dtype)).mean()
-    loss.backward()
+    accum = config.train.grad_accum
+    micro = x0.shape[0] // accum
+    loss = torch.zeros((), device=x0.device)
+    for index in range(accum):
+        rows = slice(index * micro, (index + 1) * micro)  # this micro-batch of the rank's rows
+        last = index == accum - 1
+        # DDP all-reduces gradients on the last micro-batch only; the others just accumulate.
+        with _sync_grads(run.net, last):
+            part = _micro_loss(run, routes, x0[rows], y[rows], t[rows], noise[rows], plans, rows)
+            # Equal micro-batches: the mean of their means is the mean over the rank's batch.
+            (part / accum).backward()
+        loss = loss + part.detach() / accum
     grad_norm = None
     if config.optim.grad_clip is not None:  # a tensor: reading it would be a sync
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.optim.grad_clip)
@@ -162,6 +169,35 @@ def _train_step(run: RunState) -> float:
     if run.bar is not None:
         run.bar.update(1)
     return lr
+
+
+def _micro_loss(
+    run: RunState,
+    routes: Sequence[Route],
+    x0: Tensor,
+    y: Tensor,
+    t: Tensor,
+    noise: Tensor,
+    plans: Sequence[RoutePlan],
+    rows: slice,
+) -> Tensor:
+    """Mean loss of one micro-batch, routed with its rows of the step's plans."""
+    micro_plans = [RoutePlan(plan.keep[rows]) for plan in plans]  # (b, K) -> (m, K)
+
+    def routed_net(x: Tensor, t_: Tensor, y_: Tensor) -> Tensor:
+        return run.net(x, t_, y_, routes=routes, plans=micro_plans or None)
+
+    bf16 = _precision(run.config.train, run.device) == "bf16"
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return run.objective.loss_at(routed_net, x0, y, t, noise.to(x0.dtype)).mean()
+
+
+def _sync_grads(net: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync()`` unless ``sync`` (or the model is not DDP-wrapped)."""
+    ddp = getattr(net, "_orig_mod", net)  # under torch.compile, the wrapped module
+    if sync or not isinstance(ddp, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return ddp.no_sync()
 
 
 def _precision(tc: TrainConfig, device: torch.device) -> str:

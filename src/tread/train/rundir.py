@@ -45,6 +45,9 @@ ALLOWED_CHANGES = frozenset(
         "train.sample_every",
         "train.tensorboard",
         "train.num_threads",
+        # The update is that of the whole global batch however it is split (tested), so a run
+        # may resume with another accumulation (e.g. on fewer GPUs).
+        "train.grad_accum",
         "train.compile",
         "train.tf32",
         "train.device",

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config, config_to_yaml
+from ..config import Config, TrainConfig, config_to_yaml
 from ..data import BatchStream, ImageArrays
 from ..data.loader import Prefetcher
 from ..errors import CheckpointError, ConfigError
@@ -60,16 +60,35 @@ def pick_device(name: str, info: DistInfo) -> torch.device:
     return torch.device("cuda", info.local_rank)
 
 
+def check_batch_split(tc: TrainConfig, world_size: int) -> str:
+    """The global batch split over ranks and micro-batches, as one line for logs and --dry-run.
+
+    Raises:
+        ConfigError: ``train.batch_size`` does not split into ranks x ``train.grad_accum``
+            equal micro-batches.
+    """
+    parts = world_size * tc.grad_accum
+    if tc.batch_size % parts:
+        raise ConfigError(
+            f"train.batch_size={tc.batch_size} is not divisible by {world_size} rank(s) x "
+            f"train.grad_accum={tc.grad_accum} micro-batches"
+        )
+    micro = tc.batch_size // parts
+    return (
+        f"global batch {tc.batch_size} = {world_size} rank(s) x {tc.grad_accum} micro-batch(es) "
+        f"x {micro} samples; one optimizer update per {tc.grad_accum} forward/backward pass(es)"
+    )
+
+
 def start_run(
     config: Config, data: ImageArrays, info: DistInfo, *, allow_changes: bool, progress: bool
 ) -> RunState:
     """Build (and resume) the run of a resolved config; see the module docstring for the order."""
     tc = config.train
     device = pick_device(tc.device, info)
-    if tc.batch_size % info.world_size:
-        raise ConfigError(
-            f"train.batch_size={tc.batch_size} is not divisible by the {info.world_size} ranks"
-        )
+    split = check_batch_split(tc, info.world_size)
+    if info.is_main and tc.grad_accum > 1:
+        log.info(split)
     run_dir = Path(tc.run_dir)
     with ExitStack() as on_error:  # on failure: unlock, close what was opened
         lock = None
