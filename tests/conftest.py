@@ -25,6 +25,19 @@ TINY_MODEL = [
     "model.routes=[{start: 1, end: 1, ratio: 0.5}]",
 ]
 
+# A tiny training run on top of ``digits_tread``: the model above, batch 16, a row per step,
+# no sample grids, no time budget.
+TINY_RUN = [
+    *TINY_MODEL,
+    "train.batch_size=16",
+    "train.log_every=1",
+    "train.sample_every=0",
+    "train.max_minutes=null",
+    "sample.grid_size=2",
+    "sample.steps=2",
+    "ema.decay=0.99",
+]
+
 
 def tiny_dit(**overrides):
     """A 4-block, width-32 DiT on 8x8x1 inputs with 10 classes (16 tokens at patch 2)."""

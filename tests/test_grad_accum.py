@@ -16,17 +16,9 @@ from tread.errors import ConfigError
 from tread.train import checkpoint as ckpt
 from tread.train import train
 
-from conftest import TINY_MODEL, ddp_train_worker, free_port
+from conftest import TINY_RUN, ddp_train_worker, free_port
 
-TINY = [
-    *TINY_MODEL,  # routed: the plans are sliced per micro-batch too
-    "train.batch_size=16",
-    "train.log_every=1",
-    "train.sample_every=0",
-    "train.max_minutes=null",
-    "sample.grid_size=2",
-    "sample.steps=2",
-]
+TINY = TINY_RUN
 
 
 def tiny_config(run_dir, *extra):

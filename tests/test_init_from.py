@@ -19,18 +19,9 @@ from tread.train import checkpoint as ckpt
 from tread.train.builders import build_from_config
 from tread.train.setup import start_run
 
-from conftest import TINY_MODEL, ddp_train_worker, free_port
+from conftest import TINY_RUN, ddp_train_worker, free_port
 
-TINY = [
-    *TINY_MODEL,
-    "train.batch_size=16",
-    "train.log_every=1",
-    "train.sample_every=0",
-    "train.max_minutes=null",
-    "sample.grid_size=2",
-    "sample.steps=2",
-    "ema.decay=0.99",
-]
+TINY = TINY_RUN
 
 
 def tiny_config(run_dir, *extra):
