@@ -190,6 +190,7 @@ class RoutingHandle:
         self._saved: dict[int, Tensor] = {}  # route -> (B, N, D) image tokens at its start
         self._dense: set[int] = set()  # routes that keep every token in this forward
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._model_signature = inspect.signature(model.forward)  # read once, bound per forward
         self._install()
 
     # -- public -------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ class RoutingHandle:
         self._active = model.training and torch.is_grad_enabled() and bool(self.routes)
         if self._active:
             self.last_plans = []
-            bound = _bind(inspect.signature(model.forward), args, kwargs, type(model).__name__)
+            bound = _bind(self._model_signature, args, kwargs, type(model).__name__)
             for name, reason in self.adapter.refuse:
                 if bound.arguments.get(name) is not None:
                     raise ValueError(f"cannot route {type(model).__name__} with {name}: {reason}")
