@@ -128,6 +128,8 @@ def test_override_one_past_the_end_adds_a_route():
         (["model.width=130"], "model.width=130 is not divisible by model.heads=4"),
         (["model.input_size=9", "model.patch_size=2"], "model.input_size=9 is not divisible"),
         (["train.num_threads=-1"], "train.num_threads=-1 must be >= 1"),
+        (["train.parallel=zero3"], "train.parallel='zero3' is not one of ddp | fsdp"),
+        (["train.activation_checkpointing=maybe"], "train.activation_checkpointing"),
         (["train.num_threads=0"], "train.num_threads=0 must be >= 1"),
         (["train.seed=-1"], "train.seed=-1 must be >= 0"),
         (["optim.eps=-1"], "optim.eps=-1.0 must be > 0"),

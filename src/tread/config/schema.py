@@ -31,12 +31,17 @@ if TYPE_CHECKING:
 # stay ``str`` and are checked against ``get_args`` of the one Literal that defines each set.
 Precision = Literal["auto", "fp32", "bf16"]
 TrainDevice = Literal["auto", "cpu", "cuda"]
+# train.parallel: how several processes share the model. ddp: a full replica per rank, gradients
+# all-reduced; fsdp: parameters, gradients and optimizer state sharded over the ranks (FSDP2,
+# torch.distributed.fsdp.fully_shard). One process runs the plain model either way.
+Parallel = Literal["ddp", "fsdp"]
 ReferenceSplit = Literal["train", "test"]  # eval.reference_split: these, or a stats/ADM .npz
 
 OBJECTIVES: tuple[str, ...] = get_args(ObjectiveName)
 TIME_SAMPLINGS: tuple[str, ...] = get_args(TimeSampling)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 DEVICES: tuple[str, ...] = get_args(TrainDevice)
+PARALLELS: tuple[str, ...] = get_args(Parallel)
 
 # Keys that only one objective reads. The other objective's keys are reset to their defaults
 # and left out of the saved config, so an EDM run shows no flow-matching settings (and vice
@@ -178,6 +183,11 @@ class TrainConfig:
     # runs batch_size / (ranks * grad_accum) samples at a time; the update is the one of
     # the whole global batch at once.
     grad_accum: int = 1
+    parallel: str = "ddp"  # ddp | fsdp (see Parallel); ignored by a single process
+    # Recompute each block's activations in the backward pass instead of keeping them
+    # (torch.utils.checkpoint): less memory, about one more forward of the blocks per step.
+    # Routing-aware: a routed block recomputes on the same kept tokens.
+    activation_checkpointing: bool = False
     steps: int = 4000
     max_minutes: float | None = None  # stop (and checkpoint) after this much wall-clock
     class_dropout: float = 0.1
@@ -222,6 +232,7 @@ class TrainConfig:
             raise ConfigError(f"train.class_dropout={self.class_dropout!r} must be in [0, 1)")
         check_choice("train", "precision", self.precision, PRECISIONS)
         check_choice("train", "device", self.device, DEVICES)
+        check_choice("train", "parallel", self.parallel, PARALLELS)
         if self.max_minutes is not None:
             check_positive("train", "max_minutes", self.max_minutes)
         check_at_least_one("train", "num_threads", self.num_threads)

@@ -48,6 +48,10 @@ ALLOWED_CHANGES = frozenset(
         # The update is that of the whole global batch however it is split (tested), so a run
         # may resume with another accumulation (e.g. on fewer GPUs).
         "train.grad_accum",
+        # Neither changes the update: checkpointing recomputes the same activations, and the
+        # FSDP and DDP updates are equal (tested); the checkpoint's format follows the run.
+        "train.activation_checkpointing",
+        "train.parallel",
         "train.compile",
         "train.tf32",
         "train.device",
