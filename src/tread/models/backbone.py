@@ -102,6 +102,11 @@ class RoutableBackbone(nn.Module):
     # Scan backbones (Mamba, RWKV) read their tokens as an ordered sequence: routing must keep
     # the kept tokens in their original relative order, whatever ``keep_order`` says.
     scan_order: ClassVar[bool] = False
+    # Training-memory option (train.activation_checkpointing): recompute each block's
+    # activations in the backward pass instead of keeping them (see route_blocks' checkpoint).
+    # A plain attribute, not a buffer: it never reaches the state_dict, so checkpoints of runs
+    # with and without it are interchangeable; without grad it has no effect.
+    activation_checkpointing: bool = False
 
     def __init__(
         self,
@@ -115,6 +120,7 @@ class RoutableBackbone(nn.Module):
         self.routes = resolve_routes(tuple(routes), depth)  # fails at build time if invalid
         self.keep_order = keep_order or self.scan_order
         self.fp32_after_reinsert = fp32_after_reinsert
+        self.activation_checkpointing = False
 
     @property
     def num_tokens(self) -> int:
@@ -169,6 +175,7 @@ class RoutableBackbone(nn.Module):
             keep_order=self.keep_order,
             fp32_after_reinsert=self.fp32_after_reinsert,
             plans=plans,
+            checkpoint=self.activation_checkpointing,
         )
         return self.head(tokens, cond)
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .plan import RoutePlan, sample_plan
@@ -23,6 +24,7 @@ def route_blocks(
     keep_order: bool = False,
     fp32_after_reinsert: bool = False,
     plans: Sequence[RoutePlan] | None = None,
+    checkpoint: bool = False,
 ) -> Tensor:
     """Run ``blocks`` over the tokens, letting a random share skip each route's span.
 
@@ -45,6 +47,14 @@ def route_blocks(
             and in float32, as the official code does for numerical safety after re-insertion.
         plans: precomputed plans, one per route, used instead of drawing (e.g. rows of a plan
             drawn for the global batch, so data-parallel ranks route exactly as one process).
+        checkpoint: activation checkpointing per block: when grad is enabled, each block call
+            runs under ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``, which keeps
+            only the block's inputs and recomputes its activations in the backward pass. It is
+            routing-aware by construction: the plan is drawn and the tokens and ``aux`` are
+            gathered (and scattered back) here, outside the checkpointed call, so the
+            checkpointed function draws no random numbers and its recompute sees the very same
+            kept tokens. A routed span keeps only its (B, K, D) block inputs. Without grad
+            (sampling, evaluation) it is the plain call. It changes memory and time, not values.
 
     Returns:
         (B, N, D) output tokens.
@@ -89,10 +99,7 @@ def route_blocks(
             x = plan.gather(x)  # (B, N, D) -> (B, K, D)
             block_aux = {name: plan.gather(value) for name, value in aux.items()}  # (B, K, ...)
 
-        if index in fp32_blocks:
-            x = _run_fp32(block, x, cond, block_aux)
-        else:
-            x = block(x, cond, **block_aux)
+        x = _call_block(block, x, cond, block_aux, fp32=index in fp32_blocks, checkpoint=checkpoint)
 
         if plan is not None and index == end:
             assert saved is not None
@@ -127,6 +134,37 @@ def _check_token_aligned(x: Tensor, aux: Mapping[str, Tensor]) -> None:
             raise ValueError(f"aux[{name!r}] has batch size {value.shape[0]}, expected {batch}")
         if value.shape[1] != num_tokens:
             raise ValueError(f"aux[{name!r}] has {value.shape[1]} tokens, expected {num_tokens}")
+
+
+def _call_block(
+    block: nn.Module,
+    x: Tensor,
+    cond: Any,
+    aux: Mapping[str, Tensor],
+    *,
+    fp32: bool,
+    checkpoint: bool,
+) -> Tensor:
+    """One block call, in float32 if ``fp32``, checkpointed if ``checkpoint`` and grad is on.
+
+    The checkpointed function receives the already-gathered tokens and ``aux``: nothing inside
+    it draws from an RNG, so the backward recompute repeats the forward exactly (autocast state
+    is restored by ``torch.utils.checkpoint`` itself).
+    """
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(
+            _run_block, block, x, cond, aux, fp32=fp32, use_reentrant=False
+        )
+    return _run_block(block, x, cond, aux, fp32=fp32)
+
+
+def _run_block(
+    block: nn.Module, x: Tensor, cond: Any, aux: Mapping[str, Tensor], *, fp32: bool
+) -> Tensor:
+    """``block(x, cond, **aux)``, or its float32 variant after a route's end."""
+    if fp32:
+        return _run_fp32(block, x, cond, aux)
+    return block(x, cond, **aux)
 
 
 def _run_fp32(block: nn.Module, x: Tensor, cond: Any, aux: Mapping[str, Tensor]) -> Tensor:

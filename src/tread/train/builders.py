@@ -94,6 +94,8 @@ def with_data_shape(config: Config, data: ImageArrays) -> Config:
 def build_from_config(config: Config) -> RoutableBackbone:
     """The backbone with the configured routes, initialised from ``train.seed``.
 
+    ``train.activation_checkpointing`` sets the model's ``activation_checkpointing`` (a
+    training-memory option: it acts only when grad is enabled and is not in the state_dict).
     Shapes must be resolved (see :func:`with_data_shape`).
     """
     model = config.model
@@ -101,7 +103,7 @@ def build_from_config(config: Config) -> RoutableBackbone:
     if missing:
         raise ConfigError(f"model.{missing[0]} is unset (resolve it from the data first)")
     try:
-        return build_model(
+        backbone = build_model(
             model.name,
             routes=config.routes(),
             keep_order=model.keep_order,
@@ -113,6 +115,8 @@ def build_from_config(config: Config) -> RoutableBackbone:
         raise
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
+    backbone.activation_checkpointing = config.train.activation_checkpointing
+    return backbone
 
 
 def objective_from_config(config: Config):
