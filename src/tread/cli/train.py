@@ -11,6 +11,7 @@ from .common import (
     load_run_config,
     set_tf32,
     set_threads,
+    vae_path,
 )
 
 
@@ -46,19 +47,25 @@ def run(args: argparse.Namespace) -> int:
     config = load_run_config(args)
     info = dist_info()
     hook = None
+    eval_sources = {}
     if config.eval.every:
         from ..eval import inception_weights_from_env
         from ..train.evaluation import default_eval_hook
 
+        # $TREAD_VAE: the VAE of a latent run's FID when eval.vae is unset.
+        eval_sources = dict(inception_weights=inception_weights_from_env(), vae=vae_path(args))
         # Creating the hook checks the eval settings and writes nothing, so --dry-run does it.
-        hook = default_eval_hook(config, info, inception_weights=inception_weights_from_env())
+        hook = default_eval_hook(config, info, **eval_sources)
     if args.dry_run:
         from ..train import resolve_run
+        from ..train.evaluation import check_eval_settings
         from ..train.setup import check_batch_split, check_init_from
 
         resolved = resolve_run(config)
         split = check_batch_split(resolved.train, info.world_size)  # as torchrun would run it
         check_init_from(resolved)  # the source's files fit the model (shapes from headers)
+        if hook is not None:  # again with the shapes from the data (the VAE's channels)
+            check_eval_settings(resolved, **eval_sources)
         print(config_to_yaml(resolved), end="")
         print(f"# {split}")  # a YAML comment: the output stays a loadable config
         return 0

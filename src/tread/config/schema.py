@@ -143,16 +143,29 @@ class EMAConfig:
 
 @dataclass
 class EvalConfig:
-    """Periodic evaluation during training (FD + conditional accuracy with a packaged net)."""
+    """Periodic evaluation during training.
+
+    Pixel runs: FD + conditional accuracy with a packaged net (or FID with Inception). Latent
+    runs (``data.name=latents``): the Fréchet distance of pooled latents to the data's
+    ("fd_latent", needs nothing else), or with ``feature_net=inception`` the FID of the
+    VAE-decoded samples (needs ``vae``, Inception weights and a reference file).
+    """
 
     every: int = 0  # steps; 0 = off
     num_samples: int = 1000
-    feature_net: str | None = None  # None = the dataset's packaged classifier
+    # None = the dataset's packaged classifier (pixel runs) or the latent FD (latent runs)
+    feature_net: str | None = None
     reference_split: str = "test"  # train | test | a stats .npz or an ADM reference batch .npz
+    # Latent runs with feature_net=inception: a local diffusers AutoencoderKL folder that
+    # decodes the samples (None = $TREAD_VAE). Only the value is checked here: the folder is
+    # checked when the evaluation is set up (and by --dry-run), so a saved config stays loadable.
+    vae: str | None = None
 
     def __post_init__(self) -> None:
         check_positive("eval", "every", self.every, allow_zero=True)
         check_positive("eval", "num_samples", self.num_samples)
+        if self.vae is not None and not str(self.vae).strip():
+            raise ConfigError("eval.vae must not be empty: a VAE folder, or null ($TREAD_VAE)")
         if self.reference_split not in get_args(ReferenceSplit) and not str(
             self.reference_split
         ).endswith(".npz"):

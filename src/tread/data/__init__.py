@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from tread.data.arrays import ImageArrays
+from tread.data.arrays import ImageArrays, ShardedArray
 from tread.data.digits import Split, load_digits
 from tread.data.folder import load_image_folder, load_npz_images
 from tread.data.idx import find_idx_dir, load_idx_dir, read_idx, write_idx
-from tread.data.latents import load_latents
+from tread.data.latents import load_latent_shards, load_latents
 from tread.data.loader import BatchStream, derive_seed
 from tread.errors import ConfigError
 
@@ -22,12 +22,14 @@ __all__ = [
     "BatchStream",
     "DatasetName",
     "ImageArrays",
+    "ShardedArray",
     "derive_seed",
     "find_idx_dir",
     "load_dataset",
     "load_digits",
     "load_idx_dir",
     "load_image_folder",
+    "load_latent_shards",
     "load_latents",
     "load_npz_images",
     "read_idx",
@@ -67,6 +69,8 @@ def load_dataset(
             npz and latents accept "train"/"all" (the whole file).
         resolution: output side length. digits: must be 8. IDX: pad to it (never resized).
             folder/npz: resize + centre crop. latents: must equal the latent side (a check).
+            For latents, ``path`` may be a shard directory (``tread encode-latents`` output):
+            it is always streamed from memory maps, never loaded whole.
         **opts: per-dataset options: ``pad_to`` (IDX), ``num_classes`` (idx, npz, latents),
             ``mode`` ("RGB"/"L", folder), ``scale_factor`` and ``mmap`` (latents).
 

@@ -10,10 +10,12 @@ Latents are stored and returned *unscaled*: the training config multiplies them 
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,14 @@ import torch
 from torch import Tensor
 
 from tread.data.folder import load_npz_images, read_images, scan_image_folder
+from tread.data.latents import (
+    DEFAULT_SHARD_SIZE,
+    LATENT_SUFFIXES,
+    MANIFEST_NAME,
+    finish_shard_dir,
+    prepare_shard_dir,
+    write_shard,
+)
 from tread.errors import ConfigError, DataError
 from tread.paths import atomic_open
 
@@ -221,44 +231,69 @@ class EncodeResult:
     num_latents: int  # images, twice that with hflip
     latent_shape: tuple[int, int, int]  # (C, h, w)
     num_classes: int
+    num_shards: int = 1  # shard files (1: an .npz)
+    resumed_shards: int = 0  # complete shards an interrupted encode left, kept as they were
 
 
-def _image_batches(
-    src: Path, resolution: int, batch_size: int, workers: int
-) -> tuple[int, int, Iterator[tuple[Tensor, Tensor]]]:
-    """(count, classes, batches of (images in [-1, 1], labels)) from a folder or an .npz."""
+@dataclass(frozen=True)
+class _Source:
+    """The images to encode: how many, their classes, what identifies them, how to read them."""
+
+    count: int
+    num_classes: int
+    fingerprint: str  # sha256 of the file list + labels (folder) or the pixels + labels (.npz)
+    read: Callable[[int, int], tuple[Tensor, Tensor]]  # (start, stop) -> images, labels
+
+
+def _scan_source(src: Path, resolution: int) -> _Source:
+    """An image folder (read lazily, batch by batch) or an ``.npz`` of images (read whole)."""
     if src.is_file() and src.suffix.lower() == ".npz":
         data = load_npz_images(src, resolution=resolution, name="encode-latents")
         if data.images.shape[1] != 3:
             raise DataError(f"encode-latents: {src} holds {data.images.shape[1]}-channel images")
-        pairs = zip(data.images.split(batch_size), data.labels.split(batch_size), strict=True)
-        return len(data.labels), data.num_classes, iter(pairs)
+        digest = hashlib.sha256(np.ascontiguousarray(data.images.numpy()))
+        digest.update(np.ascontiguousarray(data.labels.numpy()))
+
+        def read_array(start: int, stop: int) -> tuple[Tensor, Tensor]:
+            return data.images[start:stop], data.labels[start:stop]
+
+        return _Source(len(data.labels), data.num_classes, digest.hexdigest(), read_array)
     if not src.is_dir():
         raise DataError(f"encode-latents: {src} is neither an image folder nor an .npz file")
-    # A folder is read batch by batch (ImageNet does not fit in memory as float32 pixels), with
-    # up to `workers` batches decoded ahead in threads (PIL releases the GIL while decoding).
+    # A folder is read batch by batch: ImageNet does not fit in memory as float32 pixels.
     files, labels, num_classes = scan_image_folder(src, name="encode-latents")
-    starts = range(0, len(files), batch_size)
+    digest = hashlib.sha256()
+    for file, label in zip(files, labels, strict=True):
+        digest.update(f"{file.relative_to(src).as_posix()}\t{label}\n".encode())
+
+    def read_files(start: int, stop: int) -> tuple[Tensor, Tensor]:
+        images = read_images(files[start:stop], resolution, "RGB", name="encode-latents")
+        return images, torch.tensor(labels[start:stop], dtype=torch.int64)
+
+    return _Source(len(files), num_classes, digest.hexdigest(), read_files)
+
+
+def _image_batches(
+    source: _Source, first: int, batch_size: int, workers: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(images in [-1, 1], labels) from image ``first`` on, with up to ``workers`` batches read
+    ahead in threads (PIL releases the GIL while decoding)."""
+    starts = range(first, source.count, batch_size)
 
     def read(start: int) -> tuple[Tensor, Tensor]:
-        chunk = files[start : start + batch_size]
-        images = read_images(chunk, resolution, "RGB", name="encode-latents")
-        return images, torch.tensor(labels[start : start + batch_size], dtype=torch.int64)
+        return source.read(start, min(start + batch_size, source.count))
 
-    def batches() -> Iterator[tuple[Tensor, Tensor]]:
-        if workers < 1:
-            yield from map(read, starts)
-            return
-        with ThreadPoolExecutor(workers) as pool:
-            pending: deque = deque()
-            for start in starts:
-                pending.append(pool.submit(read, start))
-                if len(pending) > workers:
-                    yield pending.popleft().result()
-            while pending:
+    if workers < 1:
+        yield from map(read, starts)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for start in starts:
+            pending.append(pool.submit(read, start))
+            if len(pending) > workers:
                 yield pending.popleft().result()
-
-    return len(files), num_classes, batches()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
@@ -266,6 +301,67 @@ def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path) as handle:
         np.savez(handle, **arrays)
+
+
+def _encode_checked(
+    vae: Any, images: Tensor, copies: int, batch_size: int, dtype: str, first: int
+) -> np.ndarray:
+    """Latents (copies, b, C, h, w) of ``images`` (b, 3, H, W) and, with 2 copies, their
+    mirrors, as ``dtype``; refuses NaN/Inf and float16 overflow (``first``: image number)."""
+    out = []
+    views = [images] if copies == 1 else [images, images.flip(-1)]  # flip W of (b, 3, H, W)
+    for view in views:
+        z = encode_images(vae, view, batch_size=batch_size)
+        if not bool(torch.isfinite(z).all()):
+            raise DataError(f"encode-latents: the VAE produced NaN/Inf near image {first}")
+        if dtype == "float16" and float(z.abs().max()) > np.finfo(np.float16).max:
+            raise DataError("encode-latents: latents overflow float16; use dtype float32")
+        out.append(z.cpu().numpy().astype(dtype))
+    return np.stack(out)  # copies x (b, C, h, w) -> (copies, b, C, h, w)
+
+
+def _fill_shards(
+    encode: Callable[[Tensor, int], np.ndarray],  # (images, first image) -> (copies, b, C, h, w)
+    batches: Iterator[tuple[Tensor, Tensor]],
+    save: Callable[[int, np.ndarray, np.ndarray], None],  # (k, latents, labels) of shard k
+    *,
+    first: int,  # first image to encode: a shard boundary
+    count: int,  # images in the source
+    shard_size: int,  # images per shard (the last one may hold fewer)
+    bar: Any = None,
+) -> None:
+    """Encode ``batches`` into consecutive shards, calling ``save`` as each one fills.
+
+    Only the shard being filled is in memory. Batches need not align with shards: a batch
+    that crosses a boundary completes one shard and starts the next. A shard of n images is
+    stored as its n latents, then (with mirrors) the n mirrored ones: rows i and n + i are one
+    image.
+    """
+    pos = first  # next image to place
+    buffer: np.ndarray | None = None
+    labels = np.empty(0, np.int64)
+    for images, batch_labels in batches:
+        z = encode(images, pos)  # (copies, b, C, h, w)
+        used = 0
+        while used < len(images):
+            k = pos // shard_size
+            lo, n = k * shard_size, min(shard_size, count - k * shard_size)
+            if buffer is None:
+                buffer = np.empty((z.shape[0], n, *z.shape[2:]), z.dtype)  # (copies, n, C, h, w)
+                labels = np.empty(n, np.int64)
+            take = min(len(images) - used, lo + n - pos)
+            buffer[:, pos - lo : pos - lo + take] = z[:, used : used + take]
+            labels[pos - lo : pos - lo + take] = batch_labels[used : used + take].numpy()
+            pos, used = pos + take, used + take
+            if pos == lo + n:
+                copies = buffer.shape[0]
+                # (copies, n, C, h, w) -> (copies * n, C, h, w): the images, then their mirrors
+                save(k, buffer.reshape(copies * n, *buffer.shape[2:]), np.tile(labels, copies))
+                buffer = None
+        if bar is not None:
+            bar.update(len(images))
+    if pos != count:
+        raise DataError(f"encode-latents: the source gave {pos} images, expected {count}")
 
 
 def encode_dataset(
@@ -280,41 +376,60 @@ def encode_dataset(
     hflip: bool = False,
     overwrite: bool = False,
     workers: int = 4,
+    shard_size: int | None = None,
     progress: bool = False,
 ) -> EncodeResult:
-    """Encode an image dataset into an ``.npz`` that ``load_dataset("latents", path=out)`` reads.
+    """Encode an image dataset into latents that ``load_dataset("latents", path=out)`` reads.
 
     Images are resized and centre-cropped to ``resolution`` as by ``load_dataset("folder")``,
-    encoded to the posterior mean (see :func:`encode_images`) and stored unscaled as
-    ``latents`` (N, C, h, w) with ``labels`` (N,). With ``hflip`` the latents of the mirrored
-    images follow as rows N..2N-1, in the same order, with the same labels.
+    encoded to the posterior mean (see :func:`encode_images`) and stored unscaled.
+
+    ``out`` is a **shard directory** unless it ends in ``.npz``: ``latents_00000.npy``
+    (n, C, h, w) + ``labels_00000.npy`` (n,) per ``shard_size`` images, each written whole by
+    rename, and ``index.json`` last (see :mod:`tread.data.latents`). Only one shard is in
+    memory. An interrupted encode is resumed by running it again with the same settings: the
+    complete shards are kept and encoding restarts at the first missing one. An ``.npz`` holds
+    ``latents`` (N, C, h, w) and ``labels`` (N,), built in memory and written at the end (small
+    sets). With ``hflip`` each shard (or the ``.npz``) holds its n images' latents, then the n
+    mirrored images' latents in the same order, with the same labels.
 
     Args:
         src: an image folder (one sub-directory per class, sorted names give labels 0..K-1) or
             an ``.npz`` of uint8 images (read into memory whole; use a folder for big sets).
-        out: the ``.npz`` to write; written to a temporary file and renamed at the end.
+        out: the shard directory, or the ``.npz`` file, to write.
         vae_path: local diffusers ``AutoencoderKL`` folder.
         resolution: image side before encoding; a multiple of the VAE's downsampling.
         batch_size: images per encoder call.
         device: where to run the VAE.
         dtype: stored latent dtype, "float16" (half the disk) or "float32".
         hflip: also store the latents of horizontally flipped images.
-        overwrite: replace an existing ``out`` instead of refusing.
-        workers: threads decoding image files ahead of the encoder (folders only; 0 = none).
+        overwrite: replace a complete ``out`` (or an interrupted one with other settings)
+            instead of refusing.
+        workers: threads decoding image files ahead of the encoder (0 = none).
+        shard_size: images per shard (directories only; default ``DEFAULT_SHARD_SIZE``).
         progress: show a tqdm bar.
 
     Returns:
         An :class:`EncodeResult`.
+
+    Raises:
+        ConfigError: a bad option, an ``out`` that exists (see ``overwrite``), or a VAE that
+            cannot be loaded.
+        DataError: an unreadable source, or latents that are NaN/Inf or overflow float16.
     """
     src, out = Path(src), Path(out)
-    if out.suffix.lower() != ".npz":
-        raise ConfigError(f"encode-latents: output must be an .npz file, got {out}")
-    if out.exists() and not overwrite:
+    single = out.suffix.lower() == ".npz"
+    if not single and out.suffix.lower() in LATENT_SUFFIXES:
+        raise ConfigError(f"encode-latents: OUT must be a directory or an .npz file, got {out}")
+    if single and shard_size is not None:
+        raise ConfigError(f"encode-latents: --shard-size needs a directory OUT, not {out}")
+    if not overwrite and (out.exists() if single else (out / MANIFEST_NAME).is_file()):
         raise ConfigError(f"encode-latents: {out} exists; pass --overwrite to replace it")
     if dtype not in LATENT_DTYPES:
         raise ConfigError(f"encode-latents: dtype must be one of {LATENT_DTYPES}, got {dtype!r}")
-    if batch_size < 1:
-        raise ConfigError(f"encode-latents: batch_size must be positive, got {batch_size}")
+    for key, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"encode-latents: {key} must be positive, got {value}")
     vae = load_vae(vae_path, device)
     factor = vae_downsampling(vae)
     if resolution < factor or resolution % factor:
@@ -322,33 +437,52 @@ def encode_dataset(
             f"encode-latents: resolution={resolution} is not a multiple of the VAE's "
             f"downsampling factor {factor}"
         )
-    count, num_classes, batches = _image_batches(src, resolution, batch_size, workers)
-    side = resolution // factor
-    shape = (vae.config.latent_channels, side, side)
+    source = _scan_source(src, resolution)
+    shape = (vae.config.latent_channels, resolution // factor, resolution // factor)
     copies = 2 if hflip else 1
-    latents = np.empty((copies * count, *shape), dtype=dtype)
-    labels = np.empty(copies * count, dtype=np.int64)
+    size = source.count if single else shard_size or DEFAULT_SHARD_SIZE
+    settings: dict[str, Any] = {
+        "num_images": source.count,
+        "shard_size": size,
+        "hflip": hflip,
+        "shape": list(shape),
+        "dtype": dtype,
+        "num_classes": source.num_classes,
+        "resolution": resolution,
+        "source": str(src.resolve()),
+        "source_sha256": source.fingerprint,  # resuming needs the same images
+        "vae": str(Path(vae_path).resolve()),
+        "vae_scaling_factor": getattr(vae.config, "scaling_factor", None),
+    }
+    if single:
+        first_shard = 0
+
+        def save(k: int, latents: np.ndarray, labels: np.ndarray) -> None:
+            _save_npz_atomic(out, latents=latents, labels=labels)
+
+    else:
+        first_shard = prepare_shard_dir(out, settings, overwrite=overwrite)
+        save = partial(write_shard, out)
+    first = min(first_shard * size, source.count)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=count, desc="encoding", unit="img")
-    done = 0
-    for images, batch_labels in batches:
-        views = [images, images.flip(-1)] if hflip else [images]  # flip W of (b, 3, H, W)
-        for copy, view in enumerate(views):
-            z = encode_images(vae, view, batch_size=batch_size)
-            if not bool(torch.isfinite(z).all()):
-                raise DataError(f"encode-latents: the VAE produced NaN/Inf near image {done}")
-            if dtype == "float16" and float(z.abs().max()) > np.finfo(np.float16).max:
-                raise DataError("encode-latents: latents overflow float16; use dtype float32")
-            rows = slice(copy * count + done, copy * count + done + len(z))
-            latents[rows] = z.cpu().numpy()
-            labels[rows] = batch_labels.numpy()
-        done += len(images)
+        bar = tqdm(total=source.count, initial=first, desc="encoding", unit="img")
+    try:
+        _fill_shards(
+            lambda images, at: _encode_checked(vae, images, copies, batch_size, dtype, at),
+            _image_batches(source, first, batch_size, workers),
+            save,
+            first=first,
+            count=source.count,
+            shard_size=size,
+            bar=bar,
+        )
+    finally:
         if bar is not None:
-            bar.update(len(images))
-    if bar is not None:
-        bar.close()
-    _save_npz_atomic(out, latents=latents, labels=labels)
-    return EncodeResult(out, copies * count, shape, num_classes)
+            bar.close()
+    if not single:
+        finish_shard_dir(out, settings)
+    shards = -(-source.count // size)  # ceil
+    return EncodeResult(out, copies * source.count, shape, source.num_classes, shards, first_shard)

@@ -57,6 +57,9 @@ ALLOWED_CHANGES = frozenset(
         "train.device",
         "train.dist_timeout_minutes",
         "eval.every",
+        # Where the decoder lives (like $TREAD_VAE, which no config records): moving the folder
+        # must not block a resume. Use the VAE the latents were encoded with.
+        "eval.vae",
         "sample.grid_size",
         # A dense fine-tune phase may be added, moved or dropped while it lies ahead: this is
         # how a finished routed run is fine-tuned (train.finetune_from=<its step> plus more
