@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..integrations.diffusers_configs import DIFFUSERS_CONFIGS
 from .common import HelpFormatter, add_runtime_options, positive_int, resolve_device
 
 if TYPE_CHECKING:
+    from ..bench import BenchResult
     from ..routing import Route
 
 DEFAULT_MODELS = ("DiT-S/2", "DiT-B/2")
@@ -80,6 +82,41 @@ def _route(args: argparse.Namespace, depth: int) -> Route:
         raise ConfigError(f"--route-start/--route-end/--ratio: {err}") from None
 
 
+def _run_or_refuse_oom(
+    bench: Callable[..., BenchResult],
+    name: str,
+    route: Route,
+    options: dict[str, Any],
+    timing: dict[str, Any],
+) -> BenchResult:
+    """One benchmark; CUDA running out of memory becomes a one-line error (exit status 2).
+
+    Args:
+        bench: ``benchmark_step`` or ``benchmark_diffusers``.
+        name: the model's registry or diffusers name.
+        route: its resolved route.
+        options: the model's own keywords (e.g. ``input_size``).
+        timing: batch, device, precision, compile and the repeat counts.
+
+    Returns:
+        The benchmark's result.
+
+    Raises:
+        ConfigError: the batch does not fit in the device's memory (a script searching for the
+            largest batch that fits tries a smaller one; see scripts/gpu_protocol.sh).
+    """
+    import torch
+
+    try:
+        return bench(name, [route], **options, **timing)
+    except torch.cuda.OutOfMemoryError:
+        compiled = ", compiled" if timing["compile"] else ""
+        raise ConfigError(
+            f"--batch {timing['batch']}: out of memory on {timing['device']} for {name} "
+            f"({timing['precision']}{compiled}); try a smaller --batch"
+        ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..bench import benchmark_diffusers, benchmark_step, format_table
     from ..models import MODEL_CONFIGS
@@ -117,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     rows = []
     for bench, name, route, options in jobs:
-        result = bench(name, [route], **options, **timing)
+        result = _run_or_refuse_oom(bench, name, route, options, timing)
         rows.append(result)
         print(format_table([result]).splitlines()[2], flush=True)
     print()
