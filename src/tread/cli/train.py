@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         hook = default_eval_hook(config, info, **eval_sources)
     if args.dry_run:
         from ..train import resolve_run
-        from ..train.evaluation import check_eval_settings
+        from ..train.latent_eval import check_eval_settings
         from ..train.setup import check_batch_split, check_init_from
 
         resolved = resolve_run(config)

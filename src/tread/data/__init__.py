@@ -13,8 +13,9 @@ from tread.data.arrays import ImageArrays, ShardedArray
 from tread.data.digits import Split, load_digits
 from tread.data.folder import load_image_folder, load_npz_images
 from tread.data.idx import find_idx_dir, load_idx_dir, read_idx, write_idx
-from tread.data.latents import load_latent_shards, load_latents
+from tread.data.latents import load_latents
 from tread.data.loader import BatchStream, derive_seed
+from tread.data.shards import load_latent_shards
 from tread.errors import ConfigError
 
 __all__ = [

@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 
 from tread.data.folder import load_npz_images, read_images, scan_image_folder
-from tread.data.latents import (
+from tread.data.latents import LATENT_SUFFIXES
+from tread.data.shards import (
     DEFAULT_SHARD_SIZE,
-    LATENT_SUFFIXES,
     MANIFEST_NAME,
     finish_shard_dir,
     prepare_shard_dir,
@@ -386,7 +386,7 @@ def encode_dataset(
 
     ``out`` is a **shard directory** unless it ends in ``.npz``: ``latents_00000.npy``
     (n, C, h, w) + ``labels_00000.npy`` (n,) per ``shard_size`` images, each written whole by
-    rename, and ``index.json`` last (see :mod:`tread.data.latents`). Only one shard is in
+    rename, and ``index.json`` last (see :mod:`tread.data.shards`). Only one shard is in
     memory. An interrupted encode is resumed by running it again with the same settings: the
     complete shards are kept and encoding restarts at the first missing one. An ``.npz`` holds
     ``latents`` (N, C, h, w) and ``labels`` (N,), built in memory and written at the end (small

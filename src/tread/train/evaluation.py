@@ -5,7 +5,8 @@ is reproducible from the recorded (checkpoint, sampler, steps, guidance, seed, c
 
 In-loop evaluation scores a pixel run with a feature net ("fd", "acc"), and a latent run either
 in latent space ("fd_latent", :mod:`tread.eval.latent`: no VAE, no weights) or, with
-``eval.feature_net=inception``, by the FID of its VAE-decoded samples ("fid").
+``eval.feature_net=inception``, by the FID of its VAE-decoded samples ("fid"); the latent-run
+pieces (metric choice, settings checks, latent FD scorer) are in :mod:`tread.train.latent_eval`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -29,9 +30,6 @@ logger = logging.getLogger(__name__)
 PACKAGED_NETS = ("digits", "fashion_mnist")
 # Dataset splits a reference may name (anything else is a stats file or an ADM batch).
 REFERENCE_SPLITS: tuple[str, ...] = get_args(ReferenceSplit)
-# How a latent run is scored in the loop: the Fréchet distance of pooled latents, or the FID
-# of the VAE-decoded samples (eval.feature_net=inception). Also the metric's key in the log.
-LatentEvalKind = Literal["fd_latent", "fid"]
 
 
 def eval_device(config: Config, info: DistInfo | None = None) -> torch.device:
@@ -262,91 +260,6 @@ def evaluate_model(
     )
 
 
-def latent_eval_kind(config: Config) -> LatentEvalKind | None:
-    """How the in-loop evaluation scores a run: None for pixel runs, else the latent metric.
-
-    Raises:
-        ConfigError: a packaged classifier named for a latent run (it scores small grey or
-            pixel images, not latents nor decoded 256² RGB images).
-    """
-    if config.data.name != "latents":
-        return None
-    name = config.eval.feature_net
-    if name is None:
-        return "fd_latent"
-    if name == "inception":
-        return "fid"
-    raise ConfigError(
-        f"eval.feature_net={name!r} cannot score a latent run: leave it unset (Fréchet distance "
-        "of latents, fd_latent) or set it to inception (FID of the VAE-decoded samples)"
-    )
-
-
-def check_eval_settings(
-    config: Config,
-    *,
-    inception_weights: str | Path | None = None,
-    vae: str | Path | None = None,
-) -> Path | None:
-    """Every check of the in-loop evaluation's settings; nothing is loaded or written.
-
-    Pixel runs: the feature net, its weights and the reference (:func:`check_eval_inputs`).
-    Latent runs: for the latent FD, the reference (``train`` or a latent stats file); for FID,
-    a reference file of real images, the Inception weights and the VAE folder.
-
-    Args:
-        config: the run config.
-        inception_weights: pytorch-fid weights file (eval.feature_net=inception).
-        vae: the VAE folder when ``eval.vae`` is unset (the CLI passes ``$TREAD_VAE``).
-
-    Returns:
-        The VAE folder that decodes the samples (latent FID), else None.
-
-    Raises:
-        ConfigError / DataError: a one-line message naming the setting or file.
-    """
-    from ..eval.latent import check_latent_reference, check_vae_folder
-
-    kind = latent_eval_kind(config)
-    if kind != "fid" and config.eval.vae is not None:
-        what = "a pixel run" if kind is None else "the latent FD (eval.feature_net unset)"
-        raise ConfigError(
-            f"eval.vae={config.eval.vae} is only read for the FID of a latent run "
-            f"(data.name=latents, eval.feature_net=inception); {what} decodes nothing"
-        )
-    if kind is None:
-        check_eval_inputs(config, inception_weights=inception_weights)
-        return None
-    reference = config.eval.reference_split
-    if kind == "fd_latent":
-        check_latent_reference(reference)
-        return None
-    if reference in REFERENCE_SPLITS:
-        raise ConfigError(
-            f"eval.reference_split={reference}: the FID of a latent run compares decoded images "
-            "with real ones; set it to a stats .npz or an ADM reference batch "
-            "(e.g. VIRTUAL_imagenet256_labeled.npz)"
-        )
-    check_eval_inputs(config, inception_weights=inception_weights)  # weights, reference file
-    origin = "eval.vae" if config.eval.vae else "$TREAD_VAE"
-    return check_vae_folder(
-        config.eval.vae or vae, channels=config.model.in_channels, origin=origin
-    )
-
-
-def latent_reference_for(config: Config, cache_dir: Path) -> Any:
-    """The latent FD's reference statistics (see :func:`tread.eval.latent.latent_reference`)."""
-    from ..eval.latent import latent_reference
-    from .builders import load_data
-
-    return latent_reference(
-        config.eval.reference_split,
-        lambda: load_data(config, "train"),
-        cache_dir / "ref_latents_train_latent.npz",
-        name=config.data.name,
-    )
-
-
 Scorer = Callable[[nn.Module, Config], dict[str, float]]
 
 
@@ -403,41 +316,6 @@ def _image_scorer(
     return score
 
 
-def _latent_fd_scorer(
-    config: Config, info: DistInfo, device: torch.device, *, progress: bool
-) -> Scorer:
-    """Scores a latent run by ``fd_latent``; rank 0 builds the reference at the first call."""
-    from ..eval import sample_size_warnings
-    from ..eval.latent import fd_latent
-
-    built: dict[str, Any] = {}
-
-    def score(model: nn.Module, resolved: Config) -> dict[str, float]:
-        if info.is_main and not built:
-            built["reference"] = latent_reference_for(
-                resolved, Path(resolved.train.run_dir) / "eval"
-            )
-            for message in sample_size_warnings(
-                config.eval.num_samples, built["reference"], ("fd",)
-            ):
-                logger.warning("in-loop evaluation (fd_latent): %s", message)
-        latents, _ = generate_images(
-            model,
-            resolved,
-            config.eval.num_samples,
-            seed=config.sample.seed,
-            device=device,
-            info=info,
-            progress=progress,
-        )  # (N, C, h, w) latents as the model outputs them, complete on rank 0
-        if not info.is_main:
-            return {}
-        # No "acc": no classifier reads latents, and a made-up number would be worse than none.
-        return {"fd_latent": fd_latent(latents, built["reference"])}
-
-    return score
-
-
 def default_eval_hook(
     config: Config,
     info: DistInfo | None = None,
@@ -451,7 +329,7 @@ def default_eval_hook(
     Pixel runs log "fd" and "acc" (conditional accuracy) of a feature net; latent runs log
     "fd_latent" (Fréchet distance of pooled latents to the training latents, see
     :mod:`tread.eval.latent`) or, with ``eval.feature_net=inception``, "fid" of the
-    VAE-decoded samples (see :func:`check_eval_settings`).
+    VAE-decoded samples (see :func:`tread.train.latent_eval.check_eval_settings`).
 
     The loop calls ``hook(step, ema_model, resolved_config)`` on every rank: each rank
     generates its share of the samples, rank 0 scores them and returns the metrics; the other
@@ -471,15 +349,19 @@ def default_eval_hook(
         The hook.
 
     Raises:
-        ConfigError / DataError: a bad setting (see :func:`check_eval_settings`).
+        ConfigError / DataError: a bad setting (see
+            :func:`tread.train.latent_eval.check_eval_settings`).
     """
     from ..eval import finite_metrics
+
+    # Imported here: latent_eval imports this module's helpers at its top.
+    from .latent_eval import check_eval_settings, latent_eval_kind, latent_fd_scorer
 
     info = info or DistInfo()
     vae_folder = check_eval_settings(config, inception_weights=inception_weights, vae=vae)
     device = eval_device(config, info)
     if latent_eval_kind(config) == "fd_latent":
-        score = _latent_fd_scorer(config, info, device, progress=progress)
+        score = latent_fd_scorer(config, info, device, progress=progress)
     else:
         score = _image_scorer(
             config,
