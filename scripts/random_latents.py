@@ -1,10 +1,12 @@
-"""Write random SD-VAE-shaped latents for smoke runs: ``OUT_DIR/latents.npy`` + ``labels.npy``.
+"""Write random SD-VAE-shaped latents for smoke runs: a shard directory, as encode-latents writes.
 
-The layout is the one ``data.name=latents`` reads from a directory (``data.path=OUT_DIR``):
-``latents.npy`` (N, C, H, W) float16, unscaled like real SD-VAE latents (standard deviation
-about 1 / 0.18215, so ``data.latent_scale: 0.18215`` brings them to unit variance), and
-``labels.npy`` (N,) int64. The arrays are written chunk by chunk into memory-mapped files, so
-memory stays bounded whatever N. Every draw comes from one seeded ``torch.Generator``.
+The layout is the one ``tread encode-latents SRC OUT_DIR`` writes and ``data.name=latents``
+streams from memory maps (``data.path=OUT_DIR``, see :mod:`tread.data.shards`): shards of
+(n, C, H, W) float16 latents, unscaled like real SD-VAE latents (standard deviation about
+1 / 0.18215, so ``data.latent_scale: 0.18215`` brings them to unit variance), with (n,) int64
+labels, and ``index.json`` written last. One shard is in memory at a time, so memory stays
+bounded whatever N, and a smoke run reads its data the way an ImageNet run does. Every draw
+comes from one seeded ``torch.Generator``.
 
 Usage::
 
@@ -18,11 +20,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from tread.data.shards import finish_shard_dir, prepare_shard_dir, shard_rows, write_shard
+from tread.errors import TreadError
+
 SD_VAE_STD = 1 / 0.18215  # spread of unscaled SD-VAE latents (the presets' latent_scale)
-CHUNK = 1024  # rows drawn and written at a time
+SHARD_SIZE = 1024  # rows drawn and written at a time, one shard each
 
 
 def write_random_latents(
@@ -34,11 +38,11 @@ def write_random_latents(
     size: int = 32,
     seed: int = 0,
     std: float = SD_VAE_STD,
-) -> tuple[Path, Path]:
-    """Write ``count`` random latents and labels into ``out_dir``.
+) -> Path:
+    """Write ``count`` random latents and labels into the shard directory ``out_dir``.
 
     Args:
-        out_dir: directory to create (or reuse); ``latents.npy`` and ``labels.npy`` go there.
+        out_dir: directory to create, or one this function wrote before (replaced).
         count: number of samples N.
         classes: labels are drawn uniformly from 0..classes-1.
         channels: latent channels C (SD-VAE: 4).
@@ -47,7 +51,7 @@ def write_random_latents(
         std: standard deviation of the latents.
 
     Returns:
-        The paths of ``latents.npy`` and ``labels.npy``.
+        The path of the directory's ``index.json``.
 
     Raises:
         ValueError: a non-positive count, class count, channel count, size or std.
@@ -57,25 +61,29 @@ def write_random_latents(
             raise ValueError(f"{name} must be >= 1, got {value}")
     if size < 1 or not std > 0:
         raise ValueError(f"size must be >= 1 and std > 0, got size={size}, std={std}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    latent_path, label_path = out_dir / "latents.npy", out_dir / "labels.npy"
-    shape = (count, channels, size, size)  # (N, C, H, W)
-    latents = np.lib.format.open_memmap(latent_path, mode="w+", dtype=np.float16, shape=shape)
-    labels = np.lib.format.open_memmap(label_path, mode="w+", dtype=np.int64, shape=(count,))
+    settings = {
+        "num_images": count,
+        "shard_size": SHARD_SIZE,
+        "hflip": False,
+        "shape": [channels, size, size],
+        "dtype": "float16",
+        "num_classes": classes,
+        "source": f"random normal, std {std:g}, seed {seed}",
+    }
+    done = prepare_shard_dir(out_dir, settings, overwrite=True)  # a fresh directory each time
+    assert done == 0, "overwrite=True starts over"
     g = torch.Generator().manual_seed(seed)
-    for start in range(0, count, CHUNK):
-        rows = min(CHUNK, count - start)
+    for k in range(-(-count // SHARD_SIZE)):
+        rows = shard_rows(settings, k)
         draw = torch.randn((rows, channels, size, size), generator=g)  # (n, C, H, W)
-        latents[start : start + rows] = (draw * std).to(torch.float16).numpy()
-        labels[start : start + rows] = torch.randint(classes, (rows,), generator=g).numpy()
-    latents.flush()
-    labels.flush()
-    return latent_path, label_path
+        labels = torch.randint(classes, (rows,), generator=g)  # (n,)
+        write_shard(out_dir, k, (draw * std).to(torch.float16).numpy(), labels.numpy())
+    return finish_shard_dir(out_dir, settings)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", type=Path, help="directory for latents.npy and labels.npy")
+    parser.add_argument("out_dir", type=Path, help="shard directory to write")
     parser.add_argument("--count", type=int, default=4096, help="samples N (default: 4096)")
     parser.add_argument("--classes", type=int, default=1000, help="label range (default: 1000)")
     parser.add_argument("--channels", type=int, default=4, help="latent channels (default: 4)")
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     args = parser.parse_args(argv)
     try:
-        paths = write_random_latents(
+        index = write_random_latents(
             args.out_dir,
             args.count,
             classes=args.classes,
@@ -91,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             size=args.size,
             seed=args.seed,
         )
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, TreadError) as err:
         print(f"random_latents.py: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {paths[0]} ({args.count}x{args.channels}x{args.size}x{args.size}) and {paths[1]}")
+    print(f"wrote {args.count}x{args.channels}x{args.size}x{args.size} latents, index {index}")
     return 0
 
 

@@ -195,14 +195,21 @@ def test_random_latents_are_seeded_and_load_as_a_latent_dataset(tmp_path):
     run = [sys.executable, str(script), "--count", "1100", "--classes", "7"]  # > 1 chunk
     for name in ("a", "b"):
         subprocess.run([*run, str(tmp_path / name)], check=True, capture_output=True)
-    a, b = (np.load(tmp_path / name / "latents.npy") for name in ("a", "b"))
-    assert a.shape == (1100, 4, 32, 32) and a.dtype == np.float16
+    # Two shards (1024 + 76 rows), the layout encode-latents writes.
+    shards = [np.load(tmp_path / "a" / f"latents_{k:05d}.npy") for k in (0, 1)]
+    assert [s.shape[0] for s in shards] == [1024, 76] and shards[0].dtype == np.float16
+    a = np.concatenate(shards)  # (1100, 4, 32, 32)
+    b = np.concatenate([np.load(tmp_path / "b" / f"latents_{k:05d}.npy") for k in (0, 1)])
+    assert a.shape == (1100, 4, 32, 32)
     assert np.array_equal(a, b)  # same seed, same bytes
     assert 5.0 < float(a.astype(np.float32).std()) < 6.0  # unscaled SD-VAE spread, 1/0.18215
-    labels = np.load(tmp_path / "a" / "labels.npy")
+    labels = np.concatenate([np.load(tmp_path / "a" / f"labels_{k:05d}.npy") for k in (0, 1)])
     assert labels.dtype == np.int64 and set(labels.tolist()) == set(range(7))
     data = load_dataset("latents", path=str(tmp_path / "a"), scale_factor=0.18215)
     assert len(data) == 1100
+    images, got = data.take(torch.tensor([1099, 3]))  # streamed rows, in the order asked
+    assert torch.equal(images, torch.from_numpy(a[[1099, 3]]).float() * 0.18215)
+    assert torch.equal(got, torch.from_numpy(labels[[1099, 3]]))
     bad = subprocess.run([*run[:2], "--count", "0", str(tmp_path / "c")], capture_output=True)
     assert bad.returncode == 2 and bad.stderr.decode().count("\n") == 1
 
