@@ -76,3 +76,25 @@ def ddp_train_worker(rank: int, config, port: int) -> None:
     torch.set_num_threads(1)
     train(config, dist=DistInfo(rank=rank, world_size=2), progress=False)
     torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def vae_dir(tmp_path_factory):
+    """A tiny random diffusers AutoencoderKL folder, made offline: 4 latent channels, 8x
+    downsampling (32x32 images <-> 4x4 latents)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(path)
+    return path

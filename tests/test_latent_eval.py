@@ -95,27 +95,6 @@ def latent_run(tmp_path_factory, latent_file):
 
 
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    """A tiny random AutoencoderKL: 4 latent channels, 8x downsampling (4x4 -> 32x32)."""
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
-    vae.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def fid_files(tmp_path_factory):
     """A fake Inception weights file (the net is stubbed) and an ADM batch of 32x32 images."""
     folder = tmp_path_factory.mktemp("fid")

@@ -310,27 +310,6 @@ def test_an_epoch_streams_in_bounded_memory(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    """A tiny random diffusers AutoencoderKL (8x downsampling, 4 latent channels), offline."""
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
-    vae.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
     """3 classes, 7 random RGB images (sizes differ: the centre crop is exercised)."""
     root = tmp_path_factory.mktemp("images")
