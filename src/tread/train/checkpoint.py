@@ -8,6 +8,11 @@ Layout of one checkpoint directory ``<run>/checkpoints/step_XXXXXXX/``::
     config.json         the resolved run config
     meta.json           step, time, files; written last: its presence marks a complete checkpoint
 
+A ``train.parallel: fsdp`` run adds ``sharded/`` (torch.distributed.checkpoint: model, EMA and
+optimizer state, one file per rank) and keeps only the loop state in state.pt; its two
+safetensors files hold the full weights gathered on rank 0, so inference reads every checkpoint
+alike (see :mod:`tread.train.fsdp`).
+
 A checkpoint is written into a temporary directory and renamed into place, so a crash mid-write
 never leaves a half checkpoint under a valid name and never touches the previous ones.
 """
@@ -40,7 +45,8 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 # and .old_step_<step>_<pid> (the previous copy of a re-saved step, renamed aside).
 _PARTIAL_DIR = re.compile(r"^\.(tmp|old)_step_(\d+)_(\d+)$")
 WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
-CHECKPOINT_FILES = (*WEIGHT_FILES, "state.pt", "config.json", "meta.json")
+SHARDED_DIR = "sharded"  # FSDP checkpoints: torch.distributed.checkpoint files of every rank
+CHECKPOINT_FILES = (*WEIGHT_FILES, "state.pt", "config.json", "meta.json", SHARDED_DIR)
 
 
 def clean_key(key: str) -> str:
@@ -85,18 +91,78 @@ def save_checkpoint(
     Returns:
         The final checkpoint directory.
     """
+    tmp = begin_checkpoint(run_dir, step)
+    weights = clean_state_dict(unwrap(model).state_dict())
+    ema_weights = clean_state_dict(unwrap(ema).state_dict())
+    training_state = {"optimizer": optimizer.state_dict(), "loop": loop_state}
+    write_checkpoint_files(tmp, weights, ema_weights, training_state)
+    return finish_checkpoint(tmp, run_dir, step, config=config, keep_last=keep_last)
+
+
+def begin_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """A new, empty temporary directory for the checkpoint of ``step`` (named after this pid).
+
+    Args:
+        run_dir: the run directory.
+        step: the step being saved.
+
+    Returns:
+        ``<run>/checkpoints/.tmp_step_XXXXXXX_<pid>``.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(clean_state_dict(unwrap(model).state_dict()), str(tmp / "model.safetensors"))
-    save_file(clean_state_dict(unwrap(ema).state_dict()), str(tmp / "ema.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "loop": loop_state}, tmp / "state.pt")
+    return tmp
+
+
+def write_checkpoint_files(
+    tmp: Path,
+    weights: Mapping[str, torch.Tensor],
+    ema_weights: Mapping[str, torch.Tensor],
+    training_state: dict[str, Any],
+) -> None:
+    """The weight files and state.pt of a checkpoint being written into ``tmp``.
+
+    Args:
+        tmp: the directory of :func:`begin_checkpoint`.
+        weights: the model's full state dict (clean keys, CPU tensors).
+        ema_weights: the EMA's, likewise.
+        training_state: what state.pt holds (``loop``; ``optimizer`` unless sharded).
+    """
+    save_file(dict(weights), str(tmp / "model.safetensors"))
+    save_file(dict(ema_weights), str(tmp / "ema.safetensors"))
+    torch.save(training_state, tmp / "state.pt")
+
+
+def finish_checkpoint(
+    tmp: Path,
+    run_dir: str | Path,
+    step: int,
+    *,
+    config: Config,
+    keep_last: int,
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Complete ``tmp`` (config.json, then meta.json last), rename it into place and rotate.
+
+    Args:
+        tmp: the directory of :func:`begin_checkpoint`, holding every other file.
+        run_dir: the run directory.
+        step: the step saved.
+        config: the resolved run config.
+        keep_last: how many checkpoints to keep (the oldest others are deleted).
+        meta: extra meta.json fields (an FSDP checkpoint's parallel mode and world size).
+
+    Returns:
+        The final checkpoint directory ``<run>/checkpoints/step_XXXXXXX``.
+    """
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:07d}"
     (tmp / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
-    meta = {"step": step, "time": time.time(), "format": "tread-checkpoint-1"}
-    (tmp / "meta.json").write_text(json.dumps(meta))
+    fields = {"step": step, "time": time.time(), "format": "tread-checkpoint-1", **(meta or {})}
+    (tmp / "meta.json").write_text(json.dumps(fields))
     _fsync_dir(tmp)
     if final.exists():  # a re-run of the same step: replace it only now that the new one is whole
         old = root / f".old_step_{step:07d}_{os.getpid()}"
@@ -109,6 +175,11 @@ def save_checkpoint(
     for stale in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def is_sharded_checkpoint(checkpoint: Path) -> bool:
+    """Whether a checkpoint holds FSDP shards (``sharded/``), the source a resume reads."""
+    return (Path(checkpoint) / SHARDED_DIR).is_dir()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -226,11 +297,28 @@ def load_weights(module: nn.Module, file: Path) -> None:
         state = load_file(str(file))
     except Exception as err:  # OSError, or safetensors' own errors for truncated/bad headers
         raise CheckpointError(f"cannot read weights {file}: {err}") from None
+    target = unwrap(module)
     try:
-        unwrap(module).load_state_dict(clean_state_dict(state))
-    except RuntimeError as err:
+        if _is_sharded(target):  # FSDP2: every rank reads the full file and keeps its shards
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+            )
+
+            full = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(target, clean_state_dict(state), options=full)
+        else:
+            target.load_state_dict(clean_state_dict(state))
+    except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).splitlines()[0]
         raise CheckpointError(f"weights {file} do not fit the model: {first}") from None
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are DTensors (sharded by FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 Shapes = dict[str, tuple[int, ...]]
@@ -337,18 +425,22 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{file} is not a tread training state (unreadable or written by something else)"
         ) from None
-    problem = _training_state_problem(state)
+    problem = _training_state_problem(state, sharded=is_sharded_checkpoint(checkpoint))
     if problem:
         raise CheckpointError(f"training state {file} is incomplete: {problem}")
     return state
 
 
-def _training_state_problem(state: Any) -> str | None:
-    """What a resume would trip over in a loaded state.pt, or None."""
+def _training_state_problem(state: Any, *, sharded: bool = False) -> str | None:
+    """What a resume would trip over in a loaded state.pt, or None.
+
+    ``sharded``: the checkpoint keeps its optimizer state in ``sharded/``, not in state.pt.
+    """
     if not isinstance(state, dict):
         return f"expected a dict, found {type(state).__name__}"
     optimizer, loop = state.get("optimizer"), state.get("loop")
-    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= optimizer.keys():
+    has_optimizer = isinstance(optimizer, dict) and {"state", "param_groups"} <= optimizer.keys()
+    if not sharded and not has_optimizer:
         return "no optimizer state"
     if not isinstance(loop, dict):
         return "no loop state"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def ema_decay(step: int, decay: float, warmup: bool) -> float:
@@ -19,7 +19,11 @@ def ema_decay(step: int, decay: float, warmup: bool) -> float:
 
 
 def make_ema(model: nn.Module) -> nn.Module:
-    """A frozen copy of ``model`` in eval mode (its routes never apply unless asked)."""
+    """A frozen copy of ``model`` in eval mode (its routes never apply unless asked).
+
+    Under FSDP the copy is made before sharding, then sharded like the model (see
+    :func:`tread.train.fsdp.shard_model`), so each rank averages only its own shards.
+    """
     ema = copy.deepcopy(model).eval()
     ema.requires_grad_(False)
     return ema
@@ -27,9 +31,19 @@ def make_ema(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers copied)."""
-    ema_params = list(ema.parameters())
-    model_params = [p.detach() for p in model.parameters()]
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers copied).
+
+    Sharded (FSDP) parameters are averaged shard by shard, on this rank's local tensors: the
+    EMA and the model are sharded alike, so no communication is needed.
+    """
+    from torch.distributed.tensor import DTensor  # local: costly to import, FSDP runs only
+
+    def _local(value: Tensor) -> Tensor:
+        """This rank's shard of a DTensor (a view: updating it updates the parameter)."""
+        return value.to_local() if isinstance(value, DTensor) else value
+
+    ema_params = [_local(p) for p in ema.parameters()]
+    model_params = [_local(p.detach()) for p in model.parameters()]
     torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
     for ema_buffer, buffer in zip(ema.buffers(), model.buffers(), strict=True):
         ema_buffer.copy_(buffer)

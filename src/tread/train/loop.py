@@ -10,6 +10,11 @@ Synchronisation: an ordinary step never waits for the device. Its loss and healt
 and gradient norm) accumulate on the device and are read on sync steps only: log, checkpoint,
 sample-grid and evaluation steps and the last step. A non-finite step stops the run at the
 next sync step, before anything from it is saved.
+
+Parallelism (``train.parallel``): DDP all-reduces gradients on a step's last micro-batch only;
+FSDP2 (:mod:`tread.train.fsdp`) reduce-scatters them after every micro-batch into the sharded
+gradients, so accumulation never holds a full-size gradient (one more reduce-scatter per
+micro-batch, beside the parameter all-gathers every micro-batch does anyway).
 """
 
 from __future__ import annotations
@@ -153,6 +158,7 @@ def _train_step(run: RunState) -> float:
         rows = slice(index * micro, (index + 1) * micro)  # this micro-batch of the rank's rows
         last = index == accum - 1
         # DDP all-reduces gradients on the last micro-batch only; the others just accumulate.
+        # (FSDP reduce-scatters every micro-batch: see the module docstring.)
         with _sync_grads(run.net, last):
             part = _micro_loss(run, routes, x0[rows], y[rows], t[rows], noise[rows], plans, rows)
             # Equal micro-batches: the mean of their means is the mean over the rank's batch.
@@ -161,6 +167,10 @@ def _train_step(run: RunState) -> float:
     grad_norm = None
     if config.optim.grad_clip is not None:  # a tensor: reading it would be a sync
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.optim.grad_clip)
+        if run.sharded:  # the norm over every rank's shards, a replicated DTensor
+            from .fsdp import plain_tensor
+
+            grad_norm = plain_tensor(grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     update_ema(run.ema, run.model, ema_decay(step, config.ema.decay, config.ema.warmup))
@@ -272,24 +282,39 @@ def _side_work(run: RunState, eval_hook: EvalHook | None, last: bool) -> None:
             barrier(info, run.host_group)
     if _due(step, tc.sample_every) or last:
         with clock.side_work():
-            if info.is_main and config.sample.grid_size > 0:
-                path = run.run_dir / "samples" / f"step_{step:07d}.png"
-                save_sample_grid(run.ema, config, path, run.device)
+            if config.sample.grid_size > 0:
+                ema = _whole_ema(run, everywhere=False)  # rank 0 only (a collective under FSDP)
+                if info.is_main:
+                    path = run.run_dir / "samples" / f"step_{step:07d}.png"
+                    save_sample_grid(ema, config, path, run.device)
             barrier(info, run.host_group)
     if eval_hook is not None and (_due(step, config.eval.every) or (last and config.eval.every)):
         # Stamp the row with the clock as it stood before the evaluation ran.
         stamp = clock.stamp()
         with clock.side_work():
-            results = eval_hook(step, run.ema, config)  # collective: every rank calls it
+            ema = _whole_ema(run, everywhere=True)
+            results = eval_hook(step, ema, config)  # collective: every rank calls it
             if run.metrics is not None:
                 evals = {f"eval/{k}": v for k, v in results.items()}
                 run.metrics.write({"step": step, **evals, **stamp})
             barrier(info, run.host_group)
 
 
+def _whole_ema(run: RunState, *, everywhere: bool) -> nn.Module | None:
+    """The EMA as a plain module: itself, or under FSDP a gathered copy (on rank 0 only unless
+    ``everywhere``; every rank must call it then). Sample grids and evaluation call a model a
+    different number of times per rank, which a sharded model, gathering per call, cannot."""
+    if not run.sharded:
+        return run.ema
+    from .fsdp import full_copy
+
+    return full_copy(run.ema, run.config, run.device, run.info, everywhere=everywhere)
+
+
 def _save(run: RunState) -> Path | None:
-    """Rank 0 writes a checkpoint of the current step (its health was checked just before)."""
-    if not run.info.is_main:
+    """Write a checkpoint of the current step (its health was checked just before): rank 0
+    alone, or under FSDP every rank its shards. Returns its directory on rank 0."""
+    if not (run.info.is_main or run.sharded):
         return None
     loop_state = {
         "step": run.step,
@@ -298,6 +323,21 @@ def _save(run: RunState) -> Path | None:
         "side": run.clock.side,
         "seed": run.config.train.seed,
     }
+    if run.sharded:
+        from .fsdp import save_sharded_checkpoint
+
+        return save_sharded_checkpoint(
+            run.run_dir,
+            run.step,
+            model=run.model,
+            ema=run.ema,
+            optimizer=run.optimizer,
+            config=run.config,
+            loop_state=loop_state,
+            keep_last=run.config.train.keep_last,
+            info=run.info,
+            group=run.host_group,
+        )
     return ckpt.save_checkpoint(
         run.run_dir,
         run.step,

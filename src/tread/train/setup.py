@@ -63,6 +63,9 @@ def pick_device(name: str, info: DistInfo) -> torch.device:
 def check_batch_split(tc: TrainConfig, world_size: int) -> str:
     """The global batch split over ranks and micro-batches, as one line for logs and --dry-run.
 
+    Under ``train.parallel=fsdp`` the line also says what is sharded (or that one process runs
+    the plain model).
+
     Raises:
         ConfigError: ``train.batch_size`` does not split into ranks x ``train.grad_accum``
             equal micro-batches.
@@ -74,10 +77,23 @@ def check_batch_split(tc: TrainConfig, world_size: int) -> str:
             f"train.grad_accum={tc.grad_accum} micro-batches"
         )
     micro = tc.batch_size // parts
-    return (
+    line = (
         f"global batch {tc.batch_size} = {world_size} rank(s) x {tc.grad_accum} micro-batch(es) "
         f"x {micro} samples; one optimizer update per {tc.grad_accum} forward/backward pass(es)"
     )
+    if tc.parallel != "fsdp":
+        return line
+    if world_size == 1:
+        return f"{line}; fsdp with one process: the plain model, nothing to shard"
+    return (
+        f"{line}; fsdp: parameters, gradients, optimizer state and EMA sharded over "
+        f"{world_size} ranks"
+    )
+
+
+def uses_fsdp(tc: TrainConfig, info: DistInfo) -> bool:
+    """Whether this run shards its model with FSDP2 (``train.parallel=fsdp``, several ranks)."""
+    return info.enabled and tc.parallel == "fsdp"
 
 
 def start_run(
@@ -87,7 +103,7 @@ def start_run(
     tc = config.train
     device = pick_device(tc.device, info)
     split = check_batch_split(tc, info.world_size)
-    if info.is_main and tc.grad_accum > 1:
+    if info.is_main and (tc.grad_accum > 1 or tc.parallel == "fsdp"):
         log.info(split)
     run_dir = Path(tc.run_dir)
     with ExitStack() as on_error:  # on failure: unlock, close what was opened
@@ -99,7 +115,11 @@ def start_run(
                 on_error.callback(lock.release)
                 # Before choosing the checkpoint: this may put back one a kill left aside.
                 ckpt.remove_stale_partials(run_dir)
+        # FSDP shards at build time (the optimizer must see the sharded parameters), so its
+        # ranks join the process group first; DDP joins after the resume, as it always did.
+        host_group = _join_group(config, info, device) if uses_fsdp(tc, info) else None
         run = _build(config, data, info, device, run_dir)
+        run.host_group = host_group
         run.lock = lock
         on_error.callback(run.close)
         resume_from = _resume_source(config, run_dir)
@@ -119,11 +139,31 @@ def start_run(
     return run
 
 
+def _join_group(
+    config: Config, info: DistInfo, device: torch.device
+) -> torch.distributed.ProcessGroup | None:
+    """Join the process group (see :func:`~tread.train.dist.init_process_group`)."""
+    timeout = config.train.dist_timeout_minutes
+    return init_process_group(info, device, timeout_minutes=timeout)
+
+
 def _build(
     config: Config, data: ImageArrays, info: DistInfo, device: torch.device, run_dir: Path
 ) -> RunState:
-    """Model, EMA, objective, optimizer and data stream of a fresh run."""
+    """Model, EMA, objective, optimizer and data stream of a fresh run.
+
+    Under FSDP the EMA is copied from the model before both are sharded alike, so that their
+    local shards match parameter by parameter (``update_ema`` works on them).
+    """
     model = build_from_config(config).to(device)
+    ema = make_ema(model)
+    sharded = uses_fsdp(config.train, info)
+    if sharded:
+        from .fsdp import make_mesh, shard_model
+
+        mesh = make_mesh(device, info.world_size)
+        shard_model(model, mesh)
+        shard_model(ema, mesh)
     optim = config.optim
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -141,8 +181,9 @@ def _build(
         hflip=config.data.hflip,
     )
     objective = objective_from_config(config)
-    ema = make_ema(model)
-    return RunState(config, info, device, model, ema, objective, optimizer, stream, run_dir)
+    run = RunState(config, info, device, model, ema, objective, optimizer, stream, run_dir)
+    run.sharded = sharded
+    return run
 
 
 def _resume_source(config: Config, run_dir: Path) -> Path | None:
@@ -176,13 +217,8 @@ def _resume(run: RunState, checkpoint: Path, allow_changes: bool) -> Changes:
     locked = finetune_locked(saved, run.config, step)
     check_changes(changes, checkpoint, allow=allow_changes, locked=locked)
     state = ckpt.load_training_state(checkpoint)
-    ckpt.load_weights(run.model, checkpoint / "model.safetensors")
-    ckpt.load_weights(run.ema, checkpoint / "ema.safetensors")
+    _load_weights_and_optimizer(run, checkpoint, state)
     file = checkpoint / "state.pt"
-    try:
-        run.optimizer.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise CheckpointError(f"optimizer state in {file} does not fit the model: {err}") from None
     try:
         run.stream.load_state_dict(state["loop"]["data"])
     except CheckpointError as err:
@@ -193,6 +229,31 @@ def _resume(run: RunState, checkpoint: Path, allow_changes: bool) -> Changes:
     run.last_checkpoint = checkpoint
     log.info("resumed from %s at step %d", checkpoint, run.step)
     return changes
+
+
+def _load_weights_and_optimizer(run: RunState, checkpoint: Path, state: dict[str, Any]) -> None:
+    """Model, EMA and optimizer state of a checkpoint, whatever wrote it, into this run.
+
+    An FSDP checkpoint's ``sharded/`` loads into a sharded or a plain model (any world size);
+    a DDP or one-process checkpoint's full files load into either too.
+    """
+    if ckpt.is_sharded_checkpoint(checkpoint):
+        from .fsdp import load_sharded_checkpoint
+
+        load_sharded_checkpoint(checkpoint, run.model, run.ema, run.optimizer)
+        return
+    ckpt.load_weights(run.model, checkpoint / "model.safetensors")
+    ckpt.load_weights(run.ema, checkpoint / "ema.safetensors")
+    file = checkpoint / "state.pt"
+    if run.sharded:
+        from .fsdp import load_full_optimizer
+
+        load_full_optimizer(run.model, run.optimizer, state["optimizer"], file)
+        return
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"optimizer state in {file} does not fit the model: {err}") from None
 
 
 def _keep_init_history(run: RunState, saved: Config, checkpoint: Path) -> None:
@@ -331,11 +392,15 @@ def _open_outputs(
 
 
 def _join_ranks(run: RunState) -> None:
-    """Join the process group; wrap the model for DDP and torch.compile."""
-    timeout = run.config.train.dist_timeout_minutes
-    run.host_group = init_process_group(run.info, run.device, timeout_minutes=timeout)
+    """Join the process group (FSDP joined it before sharding); wrap for DDP and torch.compile.
+
+    An FSDP model needs no wrapper: ``fully_shard`` made its parameters shards and hooked its
+    forward and backward (all-gathers, reduce-scatters) in place.
+    """
     net: nn.Module = run.model
-    if run.info.enabled:
+    if not run.sharded:
+        run.host_group = _join_group(run.config, run.info, run.device)
+    if run.info.enabled and not run.sharded:
         ids = [run.device.index] if run.device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
     run.net = torch.compile(net) if run.config.train.compile else net

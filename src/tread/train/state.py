@@ -122,6 +122,8 @@ class RunState:
     stopped: str = "steps"  # "steps" | "time"
     lock: RunLock | None = None  # rank 0 only
     net: nn.Module | None = None  # the model as trained: DDP / compile wrappers
+    # FSDP2 (train.parallel=fsdp, several ranks): model, EMA and optimizer state are sharded
+    sharded: bool = False
     host_group: torch_dist.ProcessGroup | None = None  # gloo group for host-side flags
     batches: Prefetcher | None = None
     window: LossWindow | None = None
