@@ -166,6 +166,6 @@ def test_the_slurm_script_launches_what_the_docs_say(tmp_path, monkeypatch, caps
         "train.resume=auto",
         "--rdzv_backend=c10d",
         "--requeue",
-        "<!-- lead: FSDP details -->",
+        "train.parallel=fsdp",
     ):
         assert text in docs, text

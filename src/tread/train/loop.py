@@ -264,6 +264,8 @@ def _check_and_log(run: RunState, lr: float, last: bool) -> None:
     }
     if run.config.optim.grad_clip is not None:
         row["grad_norm"] = grad_norm
+    if run.device.type == "cuda":  # the most this rank's tensors have held since the start
+        row["peak_mem_mib"] = torch.cuda.max_memory_allocated(run.device) / 2**20
     if run.metrics is not None:
         run.metrics.write(row)
     if run.bar is not None:
