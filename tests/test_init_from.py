@@ -89,7 +89,7 @@ def test_a_run_directory_gives_its_newest_checkpoint(source, tmp_path, caplog):
     newest = source / "checkpoints" / "step_0000004"
     assert [p.name for p in ckpt.list_checkpoints(source)] == ["step_0000002", "step_0000004"]
     config = tiny_config(tmp_path / "run", f"train.init_from={source}")
-    with caplog.at_level(logging.INFO, logger="tread.train.setup"), started(config) as run:
+    with caplog.at_level(logging.INFO, logger="tread.train.init_weights"), started(config) as run:
         assert_weights(run.model, load_file(str(newest / "model.safetensors")))
         assert_weights(run.ema, load_file(str(newest / "ema.safetensors")))
     # The config records the checkpoint used, not the run directory (whose newest one moves on).

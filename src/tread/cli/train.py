@@ -58,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
         hook = default_eval_hook(config, info, **eval_sources)
     if args.dry_run:
         from ..train import resolve_run
+        from ..train.init_weights import check_init_from
         from ..train.latent_eval import check_eval_settings
-        from ..train.setup import check_batch_split, check_init_from
+        from ..train.setup import check_batch_split
 
         resolved = resolve_run(config)
         split = check_batch_split(resolved.train, info.world_size)  # as torchrun would run it

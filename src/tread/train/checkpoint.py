@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -258,6 +257,27 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+def resume_source(config: Config, run_dir: Path) -> Path | None:
+    """The checkpoint a run starts from under ``train.resume`` (None = fresh start).
+
+    Raises:
+        ConfigError: ``resume: none`` but ``run_dir`` already holds checkpoints.
+        CheckpointError: an explicit ``resume`` path holds no complete checkpoint.
+    """
+    existing = list_checkpoints(run_dir)
+    resume = config.train.resume
+    if resume == "auto":
+        return existing[-1] if existing else None
+    if resume == "none":
+        if existing:
+            raise ConfigError(
+                f"train.run_dir={run_dir} already holds checkpoints; resume with "
+                "train.resume=auto or choose a new train.run_dir (nothing was overwritten)"
+            )
+        return None
+    return resolve_checkpoint(resume)
+
+
 def _read_json_object(file: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text())
@@ -319,96 +339,6 @@ def _is_sharded(module: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in module.parameters())
-
-
-Shapes = dict[str, tuple[int, ...]]
-
-
-def weight_shapes(file: Path) -> Shapes:
-    """Tensor shapes of a safetensors file, read from its header: no tensor is loaded.
-
-    Args:
-        file: a ``.safetensors`` file.
-
-    Returns:
-        Cleaned key (:func:`clean_key`) -> shape.
-
-    Raises:
-        CheckpointError: the file is missing or not a readable safetensors file.
-    """
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            names = handle.keys()  # a list: the handle itself is not iterable
-            return {clean_key(k): tuple(handle.get_slice(k).get_shape()) for k in names}
-    except Exception as err:  # OSError, or safetensors' own errors for bad headers
-        raise CheckpointError(f"cannot read weights {file}: {err}") from None
-
-
-def model_shapes(module: nn.Module) -> Shapes:
-    """Key -> shape of what ``module`` saves (works on the meta device: nothing is copied)."""
-    return {clean_key(k): tuple(v.shape) for k, v in unwrap(module).state_dict().items()}
-
-
-def _shape_text(shape: tuple[int, ...]) -> str:
-    return "(" + ", ".join(str(size) for size in shape) + ")"
-
-
-def shapes_mismatch(found: Shapes, expected: Shapes) -> str | None:
-    """The first way a weight file's tensors do not fit a model, in one phrase, or None.
-
-    Checked in this order: a tensor of the wrong shape, a tensor the file lacks, a tensor the
-    model lacks (each names the tensor and the shapes; a count of the others of its kind).
-
-    Args:
-        found: the file's key -> shape (:func:`weight_shapes`).
-        expected: the model's key -> shape (:func:`model_shapes`).
-    """
-    wrong = [k for k in expected if k in found and found[k] != expected[k]]
-    missing = [k for k in expected if k not in found]
-    extra = sorted(k for k in found if k not in expected)
-    if wrong:
-        key = wrong[0]
-        text = (
-            f"{key} has shape {_shape_text(found[key])}, "
-            f"this model expects {_shape_text(expected[key])}"
-        )
-        return text + _more(len(wrong) - 1, "tensor(s) of another shape")
-    if missing:
-        key = missing[0]
-        text = f"{key} is missing (this model expects shape {_shape_text(expected[key])})"
-        return text + _more(len(missing) - 1, "missing")
-    if extra:
-        key = extra[0]
-        text = f"{key} (shape {_shape_text(found[key])}) is not a tensor of this model"
-        return text + _more(len(extra) - 1, "unknown to it")
-    return None
-
-
-def _more(count: int, what: str) -> str:
-    return f"; {count} more {what}" if count else ""
-
-
-def source_weight_files(path: str | Path) -> tuple[Path, Path]:
-    """The (model, EMA) weight files of a source of weights for a new run.
-
-    Args:
-        path: a checkpoint directory, a run directory (then its newest complete checkpoint)
-            or a single ``.safetensors`` file (then it serves as both).
-
-    Raises:
-        CheckpointError: the path does not exist, or is none of the three.
-    """
-    path = Path(path)
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise CheckpointError(
-                f"{path} is a file but not a .safetensors file (nor a checkpoint directory)"
-            )
-        return path, path
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
-    checkpoint = resolve_checkpoint(path)
-    return checkpoint / "model.safetensors", checkpoint / "ema.safetensors"
 
 
 def load_training_state(checkpoint: Path) -> dict[str, Any]:

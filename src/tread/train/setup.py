@@ -24,6 +24,7 @@ from . import checkpoint as ckpt
 from .builders import build_from_config, objective_from_config
 from .dist import DistInfo, init_process_group
 from .ema import make_ema
+from .init_weights import init_from_weights
 from .metrics_log import MetricsLog
 from .phases import fix_schedule_horizons
 from .rundir import (
@@ -122,12 +123,12 @@ def start_run(
         run.host_group = host_group
         run.lock = lock
         on_error.callback(run.close)
-        resume_from = _resume_source(config, run_dir)
+        resume_from = ckpt.resume_source(config, run_dir)
         if resume_from:
             changes = _resume(run, resume_from, allow_changes)
         else:  # a fresh run: a schedule's horizon None is this run's train.steps, for good
             changes, run.config = {}, fix_schedule_horizons(run.config)
-            _init_from(run)  # train.init_from: checked, then loaded; still nothing written
+            init_from_weights(run)  # train.init_from: checked, then loaded; still nothing written
         if info.is_main and run.lock is None:  # a new directory: created only now
             run.lock = RunLock(run_dir)
             if ckpt.list_checkpoints(run_dir):
@@ -184,22 +185,6 @@ def _build(
     run = RunState(config, info, device, model, ema, objective, optimizer, stream, run_dir)
     run.sharded = sharded
     return run
-
-
-def _resume_source(config: Config, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from (None = fresh start)."""
-    existing = ckpt.list_checkpoints(run_dir)
-    resume = config.train.resume
-    if resume == "auto":
-        return existing[-1] if existing else None
-    if resume == "none":
-        if existing:
-            raise ConfigError(
-                f"train.run_dir={run_dir} already holds checkpoints; resume with "
-                "train.resume=auto or choose a new train.run_dir (nothing was overwritten)"
-            )
-        return None
-    return ckpt.resolve_checkpoint(resume)
 
 
 def _resume(run: RunState, checkpoint: Path, allow_changes: bool) -> Changes:
@@ -268,95 +253,6 @@ def _keep_init_history(run: RunState, saved: Config, checkpoint: Path) -> None:
     if given != saved.train.init_from:
         train = dataclasses.replace(run.config.train, init_from=saved.train.init_from)
         run.config = dataclasses.replace(run.config, train=train)
-
-
-def _init_from(run: RunState) -> None:
-    """Start a fresh run from the weights of ``train.init_from``: model and EMA from its files.
-
-    Every rank loads the same files, as a resume does. The config records the checkpoint that
-    was used (a run directory's newest one at this moment), so config.yaml stays exact.
-    """
-    value = run.config.train.init_from
-    if value is None:
-        return
-    model_file, ema_file = init_weight_files(value, ckpt.model_shapes(run.model))
-    ckpt.load_weights(run.model, model_file)
-    if ema_file == model_file:  # one file for both: read it once
-        run.ema.load_state_dict(run.model.state_dict())
-    else:
-        ckpt.load_weights(run.ema, ema_file)
-    used = str(model_file if model_file == ema_file else model_file.parent)
-    if used != str(Path(value)):
-        train = dataclasses.replace(run.config.train, init_from=used)
-        run.config = dataclasses.replace(run.config, train=train)
-    log.info(
-        "train.init_from=%s: a new run at step 0, model weights from %s, EMA from %s",
-        value,
-        model_file,
-        ema_file,
-    )
-
-
-def init_weight_files(value: str, expected: ckpt.Shapes) -> tuple[Path, Path]:
-    """The (model, EMA) weight files of ``train.init_from``, checked to fit a model.
-
-    Only the files' headers are read (:func:`~tread.train.checkpoint.weight_shapes`).
-
-    Args:
-        value: the ``train.init_from`` setting.
-        expected: the model's key -> shape (:func:`~tread.train.checkpoint.model_shapes`).
-
-    Returns:
-        (model file, EMA file); the same file twice for a single ``.safetensors`` file.
-
-    Raises:
-        ConfigError: one line naming ``train.init_from``, the path, and the first tensor that
-            does not fit with both shapes.
-    """
-    where = f"train.init_from={value}"
-    try:
-        files = ckpt.source_weight_files(value)
-    except CheckpointError as err:
-        raise ConfigError(
-            f"{where}: {err}; expected a checkpoint directory, a run directory or a "
-            ".safetensors file"
-        ) from None
-    for file in dict.fromkeys(files):  # a single file once
-        try:
-            problem = ckpt.shapes_mismatch(ckpt.weight_shapes(file), expected)
-        except CheckpointError as err:
-            raise ConfigError(f"{where}: {err}") from None
-        if problem:
-            in_file = "" if str(file) == str(Path(value)) else f" (in {file})"
-            raise ConfigError(f"{where}: {problem}{in_file}")
-    return files
-
-
-def check_init_from(config: Config) -> tuple[Path, Path] | None:
-    """The checks a run's start makes on ``train.init_from``, for ``--dry-run`` (writes nothing).
-
-    The model is built on the meta device: shapes only, no memory and no initialisation.
-
-    Args:
-        config: a resolved config (:func:`~tread.train.builders.resolve_run`).
-
-    Returns:
-        The (model, EMA) files a fresh run would load; None when ``init_from`` is unset or the
-        run would resume from its own checkpoint instead.
-
-    Raises:
-        ConfigError / CheckpointError: what the run would raise before writing anything.
-    """
-    value = config.train.init_from
-    if value is None:
-        return None
-    resume_from = _resume_source(config, Path(config.train.run_dir))
-    if resume_from is not None:
-        log.info("train.init_from=%s ignored: the run resumes from %s", value, resume_from)
-        return None
-    with torch.device("meta"):
-        model = build_from_config(config)
-    return init_weight_files(value, ckpt.model_shapes(model))
 
 
 def check_compatible(saved: Config, current: Config, source: Path) -> None:
