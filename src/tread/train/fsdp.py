@@ -17,10 +17,10 @@ Checkpoint of an FSDP run (one directory, written atomically like any other)::
     state.pt            the loop state only (step, data position, clock, seed)
     config.json, meta.json
 
-A resume reads ``sharded/``: every rank loads only its own shards, and DCP reshards, so the
-world size may change (tested: 2 ranks to 2, and to one process, which loads the plain model,
-as DDP does). A DDP or one-process checkpoint resumes under
-FSDP from its full files. Sample grids and evaluation get the EMA as a plain module gathered
+A resume reads ``sharded/``: every rank loads only its own shards. DCP reshards on load, so
+another world size should work too; tested are 2 ranks -> 2 ranks and 2 ranks -> one process
+(which loads the plain model, as DDP does), not 2 -> 4. A DDP or one-process checkpoint
+resumes under FSDP from its full files. Sample grids and evaluation get the EMA as a plain module gathered
 for those calls (:func:`full_copy`).
 """
 
