@@ -63,12 +63,13 @@ def plain_ema_hook(step, model, config):
         return {"ema_out": float(model(x, t, y).double().square().sum())}
 
 
-def worker(rank, configs, port):
-    """``mp.spawn`` target: rank ``rank`` of a 2-process gloo group trains each config in turn."""
+def worker(rank, configs, port, world_size=2):
+    """``mp.spawn`` target: rank ``rank`` of a gloo group trains each config in turn."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     for config in configs:  # the process group outlives each run: joined once, reused
-        train(config, dist=DistInfo(rank=rank, world_size=2), eval_hook=plain_ema_hook)
+        info = DistInfo(rank=rank, world_size=world_size)
+        train(config, dist=info, eval_hook=plain_ema_hook)
     torch.distributed.destroy_process_group()
 
 
@@ -236,3 +237,28 @@ def test_the_start_line_says_what_is_sharded(tmp_path, capsys, monkeypatch):
         "sharded over 2 ranks"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_the_root_output_is_never_a_view():
+    """FSDP hangs its pre-backward hook on the model's output; a view (unpatchify at patch
+    size 1) would let an in-place op drop it, so the root hook hands out a tensor of its own."""
+    from tread.train.fsdp import _own_output
+
+    base = torch.arange(8.0).reshape(2, 4)
+    view = base.view(2, 2, 2)
+    owned = _own_output(None, (), view)
+    assert not owned._is_view() and torch.equal(owned, view)
+    plain = torch.ones(3)
+    assert _own_output(None, (), plain) is plain  # no copy when there is nothing to fix
+
+
+def test_two_rank_shards_resume_on_four_ranks(runs, tmp_path):
+    """DCP reshards: the 2-rank FSDP checkpoint of step 2, resumed by 4 FSDP ranks, continues
+    the run (the 2-rank DDP run's losses and weights at step 4)."""
+    run_dir = tmp_path / "four"
+    config = tiny_config(run_dir, FSDP, f"train.resume={step_dir(runs['fsdp'], 2)}")
+    mp.spawn(worker, args=([config], free_port(), 4), nprocs=4, join=True)
+    for (step, a), (_, b) in zip(rows(runs["ddp"], "loss")[2:], rows(run_dir, "loss"), strict=True):
+        assert b == pytest.approx(a, rel=1e-5), step
+    assert_same(weights(run_dir), weights(runs["ddp"]))
+    assert_same(weights(run_dir, "ema"), weights(runs["ddp"], "ema"))

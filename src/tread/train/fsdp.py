@@ -18,10 +18,10 @@ Checkpoint of an FSDP run (one directory, written atomically like any other)::
     config.json, meta.json
 
 A resume reads ``sharded/``: every rank loads only its own shards. DCP reshards on load, so
-another world size should work too; tested are 2 ranks -> 2 ranks and 2 ranks -> one process
-(which loads the plain model, as DDP does), not 2 -> 4. A DDP or one-process checkpoint
-resumes under FSDP from its full files. Sample grids and evaluation get the EMA as a plain module gathered
-for those calls (:func:`full_copy`).
+the world size may change: tests cover 2 ranks -> 2, -> 4 and -> one process (which loads
+the plain model, as DDP does). A DDP or
+one-process checkpoint resumes under FSDP from its full files. Sample grids and evaluation get
+the EMA as a plain module gathered for those calls (:func:`full_copy`).
 """
 
 from __future__ import annotations
@@ -86,8 +86,19 @@ def shard_model(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
+    # Registered before fully_shard's own hooks, so it runs first: FSDP attaches its
+    # pre-backward hook to the model's output, which an in-place op on a view would drop (it
+    # warns for views). A backbone's output can be a view (unpatchify at patch size 1).
+    model.register_forward_hook(_own_output)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def _own_output(module: nn.Module, args: Any, output: Any) -> Any:
+    """The output as a tensor of its own when it is a view of another (a forward hook)."""
+    if isinstance(output, Tensor) and output._is_view():
+        return output.clone()
+    return output
 
 
 def plain_tensor(value: Tensor) -> Tensor:
