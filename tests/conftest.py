@@ -38,6 +38,19 @@ TINY_RUN = [
     "ema.decay=0.99",
 ]
 
+# Overrides for the latent-data tests: a 2-step run of a tiny DiT (depth 2, width 32, patch 1).
+TINY_LATENT_MODEL = [
+    "model.depth=2",
+    "model.width=32",
+    "model.heads=2",
+    "model.patch_size=1",
+    "model.routes=[{start: 0, end: 0, ratio: 0.5}]",
+    "train.steps=2",
+    "train.batch_size=4",
+    "train.sample_every=0",
+    "train.max_minutes=null",
+]
+
 
 def tiny_dit(**overrides):
     """A 4-block, width-32 DiT on 8x8x1 inputs with 10 classes (16 tokens at patch 2)."""

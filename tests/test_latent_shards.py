@@ -21,6 +21,8 @@ from tread.data import BatchStream, ImageArrays, ShardedArray, load_dataset
 from tread.data import arrays as arrays_module
 from tread.errors import ConfigError, DataError
 
+from conftest import TINY_LATENT_MODEL
+
 SCALE = 0.18215
 
 
@@ -448,15 +450,7 @@ def test_training_reads_a_shard_directory(tmp_path, image_dir, vae_dir):
         "data.name=latents",
         f"data.path={out}",
         f"data.latent_scale={SCALE}",
-        "model.depth=2",
-        "model.width=32",
-        "model.heads=2",
-        "model.patch_size=1",
-        "model.routes=[{start: 0, end: 0, ratio: 0.5}]",
-        "train.steps=2",
-        "train.batch_size=4",
-        "train.sample_every=0",
-        "train.max_minutes=null",
+        *TINY_LATENT_MODEL,
         "eval.every=0",
         "sample.grid_size=4",
         "sample.steps=2",

@@ -31,6 +31,8 @@ from tread.generate import latent_decoder_for
 from tread.train import load_for_inference, train
 from tread.train.evaluation import generate_images
 
+from conftest import TINY_LATENT_MODEL
+
 SCALE = 0.18215
 
 
@@ -67,15 +69,7 @@ def latent_run(tmp_path_factory, latents_npz):
         "data.name=latents",
         f"data.path={latents_npz}",
         f"data.latent_scale={SCALE}",
-        "model.depth=2",
-        "model.width=32",
-        "model.heads=2",
-        "model.patch_size=1",
-        "model.routes=[{start: 0, end: 0, ratio: 0.5}]",
-        "train.steps=2",
-        "train.batch_size=4",
-        "train.sample_every=0",
-        "train.max_minutes=null",
+        *TINY_LATENT_MODEL,
         "train.log_every=1",
         "eval.every=0",
         "sample.grid_size=4",  # the final training grid: raw 4-channel latents

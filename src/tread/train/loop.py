@@ -325,31 +325,21 @@ def _save(run: RunState) -> Path | None:
         "side": run.clock.side,
         "seed": run.config.train.seed,
     }
+    parts = {
+        "model": run.model,
+        "ema": run.ema,
+        "optimizer": run.optimizer,
+        "config": run.config,
+        "loop_state": loop_state,
+        "keep_last": run.config.train.keep_last,
+    }
     if run.sharded:
         from .fsdp import save_sharded_checkpoint
 
         return save_sharded_checkpoint(
-            run.run_dir,
-            run.step,
-            model=run.model,
-            ema=run.ema,
-            optimizer=run.optimizer,
-            config=run.config,
-            loop_state=loop_state,
-            keep_last=run.config.train.keep_last,
-            info=run.info,
-            group=run.host_group,
+            run.run_dir, run.step, **parts, info=run.info, group=run.host_group
         )
-    return ckpt.save_checkpoint(
-        run.run_dir,
-        run.step,
-        model=run.model,
-        ema=run.ema,
-        optimizer=run.optimizer,
-        config=run.config,
-        loop_state=loop_state,
-        keep_last=run.config.train.keep_last,
-    )
+    return ckpt.save_checkpoint(run.run_dir, run.step, **parts)
 
 
 def _step_draws(
