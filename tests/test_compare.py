@@ -7,17 +7,24 @@ import dataclasses
 import json
 import math
 import re
+import runpy
+import shutil
 from pathlib import Path
+from typing import get_args
 
+import numpy as np
 import pytest
+import torch
 
 from tread import Route
 from tread.bench import benchmark_step, format_table
 from tread.cli import main as cli_main
 from tread.compare import (
+    METRIC_LABELS,
     choose_eval_every,
     choose_log_every,
     conclude,
+    evaluate_final_seeds,
     expected_steps,
     noise_seeds,
     plan_intervals,
@@ -28,11 +35,13 @@ from tread.compare import (
     write_report,
 )
 from tread.config import config_to_yaml, load_config
+from tread.train.latent_eval import LatentEvalKind
 
 from conftest import TINY_MODEL
 
 TINY = TINY_MODEL
 SHAPE = ["model.input_size=8", "model.in_channels=1", "model.num_classes=10"]  # as resolved
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def strict_json(text: str):
@@ -51,12 +60,14 @@ def make_run(
     evals: list[tuple[int, float, float, float]],
     overrides: tuple[str, ...] = (),
     log_every: int = 100,
+    metric: str = "fd",
 ) -> Path:
     """A run directory as training leaves it: config.yaml and metrics.jsonl.
 
     Args:
         rates: it/s of each logged training row (rows at log_every, 2 log_every, ...).
         evals: (step, train_s, fd, acc) evaluation rows.
+        metric: the logged metric: "fd" (with "acc"), or a latent run's (no "acc").
     """
     path.mkdir(parents=True)
     config = load_config("digits_tread", [*TINY, *SHAPE, *overrides])
@@ -66,7 +77,13 @@ def make_run(
         for i, r in enumerate(rates)
     ]
     rows += [
-        {"step": s, "eval/fd": fd, "eval/acc": acc, "train_s": t, "elapsed_s": t + 1}
+        {
+            "step": s,
+            f"eval/{metric}": fd,
+            **({"eval/acc": acc} if metric == "fd" else {}),
+            "train_s": t,
+            "elapsed_s": t + 1,
+        }
         for s, t, fd, acc in evals
     ]
     rows.sort(key=lambda r: r["step"])
@@ -79,7 +96,8 @@ def two_runs(tmp_path: Path, **tread_options) -> dict[str, Path]:
         tmp_path / "dense",
         rates=[50.0, 2.0, 4.0, 3.0],  # first row (warm-up) ignored: median of 2, 4, 3 = 3
         evals=[(100, 60.0, 80.0, 0.5), (200, 120.0, 40.0, 0.7)],
-        overrides=("model.routes=[]",),
+        overrides=("model.routes=[]",),  # summarize reads the TREAD arm's config only
+        metric=tread_options.get("metric", "fd"),
     )
     tread = make_run(
         tmp_path / "tread",
@@ -292,6 +310,7 @@ def test_compare_end_to_end_short_budget(tmp_path, capsys):
         # Seed 0 is the in-loop evaluation of the final step (same model, seeds and labels).
         assert seeds["fd"][0] == summary[arm]["final_fd"]
         assert all(math.isfinite(x) for x in seeds["fd"])
+        assert seeds["fd"][0] != seeds["fd"][1]  # other seeds, other samples
     assert summary["eval"]["num_samples"] == 40
     assert summary["conclusion"]["verdict"] == "inconclusive"
     report = (out / "report.md").read_text()
@@ -333,3 +352,211 @@ def test_bench_reports_both_arms_and_ideal():
     assert result.ideal_speedup > 1
     assert result.fraction_of_ideal == pytest.approx(result.speedup / result.ideal_speedup)
     assert "DiT-S/8" in format_table([result])
+
+
+# --- latent runs: the run's own metric ("fd_latent" or "fid"), no accuracy ----------------------
+
+LATENT_RUNS = {
+    # metric: (overrides of the TREAD arm's config, words the report must use)
+    "fd_latent": (("data.name=latents", "model.in_channels=4"), "FD (pooled latents) ="),
+    "fid": (
+        (
+            "data.name=latents",
+            "model.in_channels=4",
+            "eval.feature_net=inception",
+            "eval.reference_split=/refs/VIRTUAL_imagenet256_labeled.npz",
+        ),
+        "FID = Fréchet distance in Inception-v3 features",
+    ),
+}
+
+
+def keys_of(value) -> set[str]:
+    """Every dict key in a nested JSON value."""
+    if isinstance(value, dict):
+        return set(value).union(*(keys_of(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(keys_of(v) for v in value))
+    return set()
+
+
+def test_metric_labels_name_every_metric_a_run_logs():
+    assert set(METRIC_LABELS) == {"fd", *get_args(LatentEvalKind)}
+
+
+@pytest.mark.parametrize("metric", sorted(LATENT_RUNS))
+def test_latent_summary_is_keyed_by_its_metric_and_has_no_accuracy(tmp_path, metric):
+    overrides, words = LATENT_RUNS[metric]
+    runs = two_runs(tmp_path, overrides=overrides, metric=metric)
+    seeds = {
+        arm: {"step": 200, "seeds": [0, 1000], metric: fds}
+        for arm, fds in (("dense", [40.0, 42.0]), ("tread", [30.0, 31.0]))
+    }
+    summary = summarize(runs, budget="200 steps per arm", seed_fd=seeds)
+    assert summary["eval"]["metric"] == metric
+    assert summary["eval"]["metric_label"] == METRIC_LABELS[metric]
+    if metric == "fd_latent":  # the latent features, not a dataset's classifier
+        assert summary["eval"]["feature_net"] == "latent_avgpool8x8"
+    keys = keys_of(summary)
+    assert not any("acc" in key for key in keys)
+    assert not {"final_fd", "fd_vs_steps", "fd"} & keys  # "fd" keys mean the classifier FD
+    dense = summary["dense"]
+    assert dense[f"final_{metric}"] == 40.0
+    assert dense[f"{metric}_vs_steps"] == [[100, 80.0], [200, 40.0]]
+    assert dense[f"final_{metric}_seeds"][f"{metric}_half_range"] == 1.0
+    reach = summary[f"tread_reaches_dense_final_{metric}"]  # as for pixels: 2/3 of the way
+    assert reach[f"target_{metric}"] == 40.0 and reach["steps"] == pytest.approx(500 / 3)
+    assert f"{METRIC_LABELS[metric]} over 2 / 2 sample seeds" in summary["conclusion"]["text"]
+
+    out = tmp_path / "out"
+    report = write_outputs(out, summary, "tiny").read_text()
+    strict_json((out / "compare.json").read_text())
+    assert words in report and "No accuracy for latent runs" in report
+    assert f"| final {METRIC_LABELS[metric]} | best {METRIC_LABELS[metric]} | final " in report
+    assert "nan" not in report.lower() and "acc_vs_steps" not in report and "(fd.png)" not in report
+    assert (out / f"{metric}.png").is_file()
+    assert not (out / "acc_vs_steps.png").exists() and not (out / "fd.png").exists()
+
+
+def write_latent_shards(path: Path, *, channels: int = 4, size: int = 8) -> Path:
+    """64 random latents of 10 classes, as scripts/random_latents.py writes them."""
+    write = runpy.run_path(str(ROOT / "scripts" / "random_latents.py"))["write_random_latents"]
+    write(path, 64, classes=10, channels=channels, size=size)
+    return path
+
+
+# digits_tread on latents: the tiny model, fd_latent against the training latents.
+LATENT_COMPARE = [
+    *TINY,
+    "data.name=latents",
+    "eval.reference_split=train",
+    "train.batch_size=8",
+    "sample.steps=2",
+    "sample.grid_size=2",
+]
+
+
+def test_latent_compare_end_to_end_scores_fd_latent(tmp_path, capsys):
+    data = write_latent_shards(tmp_path / "latents")
+    out = tmp_path / "cmp"
+    args = ["--steps", "6", "--eval-samples", "8", "--noise-seeds", "2", "--out", str(out)]
+    config = [*LATENT_COMPARE, f"data.path={data}"]
+    assert cli_main(["compare", "digits_tread", *config, *args]) == 0
+    printed = capsys.readouterr().out
+    assert "final FD (pooled latents)" in printed and "acc" not in printed
+    for name in ("report.md", "fd_latent.png", "samples_side_by_side.png"):
+        assert (out / name).is_file(), name
+    assert not (out / "acc_vs_steps.png").exists()
+    summary = strict_json((out / "compare.json").read_text())
+    assert summary["eval"]["metric"] == "fd_latent"
+    assert not any("acc" in key for key in keys_of(summary))
+    for arm in ("dense", "tread"):
+        s = summary[arm]
+        assert s["steps"] == 6 and [x for x, _ in s["fd_latent_vs_steps"]] == [1, 2, 3, 4, 5, 6]
+        band = s["final_fd_latent_seeds"]
+        assert band["seeds"] == [0, 1000] and all(math.isfinite(x) for x in band["fd_latent"])
+        assert band["fd_latent"][0] != band["fd_latent"][1]  # other seeds, other samples
+        # The base seed is the in-loop evaluation of the final step.
+        rows = [json.loads(x) for x in (out / arm / "metrics.jsonl").read_text().splitlines()]
+        in_loop = [r["eval/fd_latent"] for r in rows if r["step"] == 6 and "eval/fd_latent" in r]
+        assert band["fd_latent"][0] == s["final_fd_latent"] == in_loop[-1]
+    report = (out / "report.md").read_text()
+    assert "FD (pooled latents) = " in report and "No accuracy for latent runs" in report
+
+    # Scored again without the in-loop row and the cached reference, the final-seed scorer
+    # gives the in-loop number: same scorer, same reference, same features.
+    again = tmp_path / "again"
+    shutil.copytree(out / "tread", again)
+    shutil.rmtree(again / "eval")
+    rows = [json.loads(x) for x in (again / "metrics.jsonl").read_text().splitlines()]
+    kept = [r for r in rows if not (r["step"] == 6 and "eval/fd_latent" in r)]
+    (again / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    scored = evaluate_final_seeds(again, 1)
+    assert set(scored) == {"step", "seeds", "fd_latent"} and scored["step"] == 6
+    assert scored["fd_latent"][0] == pytest.approx(in_loop[-1], rel=1e-9)
+    assert (again / "eval" / "ref_latents_train_latent.npz").is_file()  # cached in the run
+
+
+class _StandInInception(torch.nn.Module):
+    """Stands in for the FID Inception (no weights offline): per-channel mean and std."""
+
+    name = "inception_v3_fid"
+    input_size = (3, 299, 299)
+
+    def forward(self, images):
+        pool = torch.cat([images.mean((2, 3)), images.std((2, 3))], dim=1)  # (B, 3, H, W) -> (B, 6)
+        return {"pool": pool, "logits": None, "spatial": None}
+
+
+def test_latent_fid_compare_scores_decoded_samples_by_fid(tmp_path, monkeypatch, capsys, vae_dir):
+    import tread.eval
+
+    monkeypatch.setattr(tread.eval, "load_inception", lambda *a, **k: _StandInInception())
+    weights = tmp_path / "pt_inception.pth"
+    weights.write_bytes(b"stand-in")
+    monkeypatch.setenv("TREAD_INCEPTION_WEIGHTS", str(weights))
+    monkeypatch.delenv("TREAD_VAE", raising=False)
+    adm = tmp_path / "ref_batch.npz"
+    pixels = np.random.default_rng(1).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    np.savez(adm, arr_0=pixels)
+    data = write_latent_shards(tmp_path / "latents", size=4)  # the tiny VAE: 4x4 -> 32x32
+    config = [
+        *LATENT_COMPARE,
+        f"data.path={data}",
+        "eval.feature_net=inception",
+        f"eval.reference_split={adm}",
+        f"eval.vae={vae_dir}",
+    ]
+    out = tmp_path / "cmp"
+    args = ["--steps", "2", "--eval-samples", "8", "--noise-seeds", "2", "--out", str(out)]
+    assert cli_main(["compare", "digits_tread", *config, *args]) == 0
+    assert "final FID" in capsys.readouterr().out
+    summary = strict_json((out / "compare.json").read_text())
+    assert (summary["eval"]["metric"], summary["eval"]["feature_net"]) == ("fid", "inception")
+    assert not any("acc" in key for key in keys_of(summary))
+    for arm in ("dense", "tread"):
+        band = summary[arm]["final_fid_seeds"]
+        assert band["seeds"] == [0, 1000] and all(math.isfinite(x) for x in band["fid"])
+        assert band["fid"][0] == summary[arm]["final_fid"]  # the in-loop value of the last step
+        assert band["fid"][0] != band["fid"][1]  # other seeds, other samples
+    assert (out / "fid.png").is_file() and not (out / "acc_vs_steps.png").exists()
+    assert "FID = Fréchet distance in Inception-v3 features" in (out / "report.md").read_text()
+
+
+# Latent FID compares whose final (and in-loop) scoring cannot work: refused before training.
+FID_SETTINGS = {
+    # case: (latent channels, eval.vae set?, Inception weights set?, message part)
+    "vae_of_other_channels": (3, True, True, "4 latent channels but the model generates 3"),
+    "no_vae": (4, False, True, "set eval.vae"),
+    "no_inception_weights": (4, True, False, "Inception weights not given"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FID_SETTINGS))
+def test_latent_compare_fails_before_training_when_scoring_would_fail(
+    tmp_path, monkeypatch, capsys, vae_dir, case
+):
+    channels, with_vae, with_weights, message = FID_SETTINGS[case]
+    data = write_latent_shards(tmp_path / "latents", channels=channels)
+    adm = tmp_path / "ref_batch.npz"
+    np.savez(adm, arr_0=np.zeros((12, 32, 32, 3), dtype=np.uint8))
+    weights = tmp_path / "pt_inception.pth"
+    weights.write_bytes(b"stand-in")  # checked for existence only: nothing is loaded
+    monkeypatch.delenv("TREAD_VAE", raising=False)
+    if with_weights:
+        monkeypatch.setenv("TREAD_INCEPTION_WEIGHTS", str(weights))
+    else:
+        monkeypatch.delenv("TREAD_INCEPTION_WEIGHTS", raising=False)
+    config = [
+        *LATENT_COMPARE,
+        f"data.path={data}",
+        "eval.feature_net=inception",
+        f"eval.reference_split={adm}",
+        *([f"eval.vae={vae_dir}"] if with_vae else []),
+    ]
+    out = tmp_path / "cmp"
+    assert cli_main(["compare", "digits_tread", *config, "--steps", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("tread compare: error: "), err
+    assert message in err
+    assert not out.exists()  # no run directory, no checkpoint: nothing trained

@@ -1,11 +1,15 @@
 """``tread compare``: the dense and the routed arm of one config, side by side.
 
 Both arms share every setting but ``model.routes`` (the dense arm has none), train for the same
-number of steps or the same training wall-clock, and are evaluated along the way (FD and
-conditional accuracy of the EMA weights, same seeds and labels). Outputs in ``--out``: one run
-directory per arm, ``compare.json`` (written first, so a failing plot loses no number),
-``report.md``, ``fd.png`` (FD vs training wall-clock | FD vs steps), ``acc_vs_steps.png`` and
-``samples_side_by_side.png``.
+number of steps or the same training wall-clock, and are evaluated along the way by the run's
+own in-loop metric (same seeds and labels): a pixel run's FD and conditional accuracy in a
+packaged classifier's features ("fd", "acc"), a latent run's FD of pooled latents ("fd_latent")
+or, with ``eval.feature_net=inception``, FID of its VAE-decoded samples ("fid"), with no
+accuracy (see :func:`tread.train.latent_eval.eval_metrics`). Outputs in ``--out``: one run
+directory per arm, ``compare.json`` (written first, so a failing plot loses no number; keys in
+:func:`summarize`), ``report.md``, ``<metric>.png`` (metric vs training wall-clock | vs steps:
+``fd.png`` for pixel runs), ``acc_vs_steps.png`` (pixel runs only) and
+``samples_side_by_side.png``. Every setting the final scoring needs is checked before training.
 
 Two different figures, never given one name:
 
@@ -48,6 +52,7 @@ from .report import (
     write_report,
 )
 from .summary import (
+    METRIC_LABELS,
     arm_summary,
     conclude,
     eval_points,
@@ -55,9 +60,11 @@ from .summary import (
     fmt,
     is_finite_number,
     json_safe,
+    metric_label,
     noise_seeds,
     plus_minus,
     summarize,
+    summary_metric,
     time_to_reach,
 )
 
@@ -66,6 +73,7 @@ __all__ = [
     "EVAL_POINTS",
     "Intervals",
     "LOG_ROWS",
+    "METRIC_LABELS",
     "MIN_EVAL_POINTS",
     "MIN_RATE_ROWS",
     "MIN_STEPS",
@@ -82,6 +90,7 @@ __all__ = [
     "fmt",
     "is_finite_number",
     "json_safe",
+    "metric_label",
     "noise_seeds",
     "plan_intervals",
     "plot_fd",
@@ -90,6 +99,7 @@ __all__ = [
     "reach_sentence",
     "speedup_sentence",
     "summarize",
+    "summary_metric",
     "time_to_reach",
     "write_outputs",
     "write_report",

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .plan import ARMS, MIN_EVAL_POINTS, MIN_STEPS
-from .summary import fmt, json_safe, plus_minus
+from .summary import fmt, json_safe, metric_label, plus_minus, summary_metric
 
 
 def write_outputs(out: Path, summary: dict[str, Any], title: str) -> Path:
@@ -19,30 +19,34 @@ def write_outputs(out: Path, summary: dict[str, Any], title: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
     report = write_report(out, summary, title)
-    plot_fd(summary, out / "fd.png", title=f"Dense vs TREAD, {summary['budget']}")
-    from ..visual import plot_curves
+    m = summary_metric(summary)
+    plot_fd(summary, out / f"{m}.png", title=f"Dense vs TREAD, {summary['budget']}")
+    if _has_accuracy(summary):  # pixel runs; no classifier scores a latent run's samples
+        from ..visual import plot_curves
 
-    plot_curves(
-        {arm: summary[arm]["acc_vs_steps"] for arm in ARMS},
-        out / "acc_vs_steps.png",
-        xlabel="step",
-        ylabel="conditional accuracy",
-        title="Accuracy vs steps",
-    )
+        plot_curves(
+            {arm: summary[arm]["acc_vs_steps"] for arm in ARMS},
+            out / "acc_vs_steps.png",
+            xlabel="step",
+            ylabel="conditional accuracy",
+            title="Accuracy vs steps",
+        )
     _side_by_side(out)
     return report
 
 
 def plot_fd(summary: dict[str, Any], path: Path, *, title: str) -> Path:
-    """The two-panel figure: FD vs training wall-clock (min) | FD vs steps, both arms."""
+    """The two-panel figure: the run's metric (FD, FD of pooled latents or FID) vs training
+    wall-clock (min) | vs steps, both arms."""
     from ..visual import plot_panels
 
-    by_time = {arm: [(x / 60, y) for x, y in summary[arm]["fd_vs_time"]] for arm in ARMS}
-    by_steps = {arm: summary[arm]["fd_vs_steps"] for arm in ARMS}
+    m = summary_metric(summary)
+    by_time = {arm: [(x / 60, y) for x, y in summary[arm][f"{m}_vs_time"]] for arm in ARMS}
+    by_steps = {arm: summary[arm][f"{m}_vs_steps"] for arm in ARMS}
     return plot_panels(
         [(by_time, "training wall-clock (min)"), (by_steps, "step")],
         path,
-        ylabel="FD (lower is better)",
+        ylabel=f"{metric_label(summary)} (lower is better)",
         title=title,
         log_y=True,
     )
@@ -51,34 +55,36 @@ def plot_fd(summary: dict[str, Any], path: Path, *, title: str) -> Path:
 def write_report(out: Path, summary: dict[str, Any], title: str) -> Path:
     """report.md: setup, table, conclusion with its noise band, the two named ratios."""
     ev = summary["eval"]
+    m, label = summary_metric(summary), metric_label(summary)
+    accuracy = _has_accuracy(summary)
     chosen = f" ({ev['chosen']})" if ev.get("chosen") else ""
+    acc_column = " final acc |" if accuracy else ""
     lines = [
         f"# Dense vs TREAD: {title}",
         "",
         f"Budget: {summary['budget']} (training time; evaluation excluded). Routes of the TREAD "
         f"arm: {summary['routes']}. Evaluation every {ev['every']} steps and at the end"
-        f"{chosen}. FD = Fréchet distance in the "
-        f"packaged `{ev['feature_net']}` classifier's features over {ev['num_samples']} EMA "
-        f"samples ({ev['sampler']}, {ev['sample_steps']} steps, seed {ev['seed']}); not FID.",
+        f"{chosen}. {_metric_sentence(summary)}",
         "",
-        "| arm | steps | train min | it/s (median) | evaluations | final FD | best FD | "
-        "final acc | final FD over seeds (mean ± half-range) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| arm | steps | train min | it/s (median) | evaluations | final {label} | "
+        f"best {label} |{acc_column} final {label} over seeds (mean ± half-range) |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if accuracy else ""),
     ]
     for arm in ARMS:
         s = summary[arm]
-        band = s["final_fd_seeds"]
-        seeds = f"{plus_minus(band)} ({len(band['fd'])} seeds)" if band else "–"
+        band = s[f"final_{m}_seeds"]
+        seeds = f"{plus_minus(band, m)} ({len(band[m])} seeds)" if band else "–"
+        acc = f"{fmt(s['final_acc'], '.3f')} | " if accuracy else ""
         lines.append(
             f"| {arm} | {s['steps']} | {fmt(s['train_minutes'], '.1f')} | "
             f"{fmt(s['median_it_s'], '.2f')} | {s['eval_points']} | "
-            f"{fmt(s['final_fd'], '.2f')} | {fmt(s['best_fd'], '.2f')} | "
-            f"{fmt(s['final_acc'], '.3f')} | "
+            f"{fmt(s[f'final_{m}'], '.2f')} | {fmt(s[f'best_{m}'], '.2f')} | "
+            f"{acc}"
             f"{seeds} |"
         )
     lines += ["", f"**Conclusion.** {summary['conclusion']['text']}", ""]
     lines += [speedup_sentence(summary)]
-    reach = summary.get("tread_reaches_dense_final_fd")
+    reach = summary.get(f"tread_reaches_dense_final_{m}")
     if reach:
         lines += ["", reach_sentence(summary)]
     lines += [
@@ -89,16 +95,52 @@ def write_report(out: Path, summary: dict[str, Any], title: str) -> Path:
         f"when the seed ranges overlap or a run has fewer than {MIN_EVAL_POINTS} evaluations "
         f"or {MIN_STEPS} steps.",
         "",
-        "![FD vs training wall-clock and vs steps](fd.png)",
-        "",
-        "![accuracy vs steps](acc_vs_steps.png)",
-        "",
-        "![samples](samples_side_by_side.png)",
+        f"![{label} vs training wall-clock and vs steps]({m}.png)",
         "",
     ]
+    if accuracy:
+        lines += ["![accuracy vs steps](acc_vs_steps.png)", ""]
+    lines += ["![samples](samples_side_by_side.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _metric_sentence(summary: dict[str, Any]) -> str:
+    """What the report's metric is, honestly named (and why a latent run has no accuracy)."""
+    ev = summary["eval"]
+    m = summary_metric(summary)
+    sampling = (
+        f"{ev['num_samples']} EMA samples ({ev['sampler']}, {ev['sample_steps']} steps, "
+        f"seed {ev['seed']})"
+    )
+    if m == "fd":
+        return (
+            f"FD = Fréchet distance in the packaged `{ev['feature_net']}` classifier's features "
+            f"over {sampling}; not FID."
+        )
+    if m == "fd_latent":
+        against = (
+            "a seeded subset of the training latents"
+            if ev["reference"] == "train"
+            else f"the latent statistics in `{ev['reference']}`"
+        )
+        return (
+            f"FD (pooled latents) = Fréchet distance between the `{ev['feature_net']}` features "
+            f"(average-pooled latents) of {sampling} and of {against}: measured in latent space, "
+            "it is neither FID nor a classifier's FD and compares only runs on the same data. "
+            "No accuracy for latent runs: no classifier reads latents."
+        )
+    return (
+        f"FID = Fréchet distance in Inception-v3 features between {sampling}, decoded by the "
+        f"VAE, and the real images of `{ev['reference']}`. No accuracy for latent runs: "
+        "Inception's classes are not the run's labels."
+    )
+
+
+def _has_accuracy(summary: dict[str, Any]) -> bool:
+    """Pixel runs log a classifier's conditional accuracy; latent runs none."""
+    return summary_metric(summary) == "fd"
 
 
 def speedup_sentence(summary: dict[str, Any]) -> str:
@@ -115,15 +157,19 @@ def speedup_sentence(summary: dict[str, Any]) -> str:
 
 
 def reach_sentence(summary: dict[str, Any]) -> str:
-    """When TREAD reaches dense's final FD: steps- and wall-clock-to-quality ratios."""
-    reach = summary["tread_reaches_dense_final_fd"]
-    band = summary["dense"]["final_fd_seeds"]
+    """When TREAD reaches dense's final metric: steps- and wall-clock-to-quality ratios."""
+    m, label = summary_metric(summary), metric_label(summary)
+    reach = summary[f"tread_reaches_dense_final_{m}"]
+    target = reach[f"target_{m}"]
+    band = summary["dense"][f"final_{m}_seeds"]
     noise = (
-        f"; dense's final FD itself spans ± {band['fd_half_range']:.2f} over seeds" if band else ""
+        f"; dense's final {label} itself spans ± {band[f'{m}_half_range']:.2f} over seeds"
+        if band
+        else ""
     )
     if reach["steps"] is None:
         return (
-            f"TREAD did not reach the dense arm's final FD ({reach['target_fd']:.2f}) within the "
+            f"TREAD did not reach the dense arm's final {label} of {target:.2f} within the "
             f"budget{noise}."
         )
     minutes = reach["train_seconds"] / 60 if reach["train_seconds"] is not None else None
@@ -131,7 +177,7 @@ def reach_sentence(summary: dict[str, Any]) -> str:
     if summary.get("conclusion", {}).get("verdict") == "inconclusive":
         caveat = " Like the comparison above, this is inside the noise: not a conclusion."
     return (
-        f"TREAD reaches the dense arm's final FD ({reach['target_fd']:.2f}) after "
+        f"TREAD reaches the dense arm's final {label} of {target:.2f} after "
         f"{reach['steps']:.0f} steps / {fmt(minutes, '.1f')} min of training: steps-to-quality "
         f"ratio {fmt(reach['steps_to_quality_ratio'], '.2f')}x, wall-clock-to-quality ratio "
         f"{fmt(reach['wallclock_to_quality_ratio'], '.2f')}x (dense's steps or minutes over "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Protocol, get_args
 
 import numpy as np
 import torch
@@ -260,7 +260,16 @@ def evaluate_model(
     )
 
 
-Scorer = Callable[[nn.Module, Config], dict[str, float]]
+class Scorer(Protocol):
+    """Scores a model: generates ``eval.num_samples`` samples and computes the run's metrics.
+
+    ``score(model, resolved, seed=None)`` returns {metric: value} on rank 0 and {} on the other
+    ranks; ``seed`` is the first per-sample seed (None = ``sample.seed``, as in the loop).
+    """
+
+    def __call__(
+        self, model: nn.Module, resolved: Config, *, seed: int | None = None
+    ) -> dict[str, float]: ...
 
 
 def _image_scorer(
@@ -282,7 +291,7 @@ def _image_scorer(
 
     built: dict[str, Any] = {}
 
-    def score(model: nn.Module, resolved: Config) -> dict[str, float]:
+    def score(model: nn.Module, resolved: Config, *, seed: int | None = None) -> dict[str, float]:
         if not built:
             # None for pixel runs; a latent run decodes with the VAE, divided by latent_scale.
             built["decode"] = latent_decoder_for(resolved, vae, device) if vae else None
@@ -303,7 +312,7 @@ def _image_scorer(
             metrics=("fd",) if vae else ("fd", "acc"),
             net=built.get("net"),
             reference_stats=built.get("reference"),
-            seed=config.sample.seed,
+            seed=config.sample.seed if seed is None else seed,
             device=device,
             info=info,
             progress=progress,
@@ -314,6 +323,48 @@ def _image_scorer(
         return result
 
     return score
+
+
+def make_scorer(
+    config: Config,
+    info: DistInfo | None = None,
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    inception_weights: str | Path | None = None,
+    vae: str | Path | None = None,
+) -> Scorer:
+    """The in-loop evaluation's scorer, also what scores a final model at other sample seeds.
+
+    Settings are checked here (:func:`tread.train.latent_eval.check_eval_settings`); the feature
+    net, decoder and reference are built at the first call: making it loads and writes nothing.
+
+    Args:
+        config, info, progress, inception_weights, vae: as for :func:`default_eval_hook`.
+        device: where to generate and score (default: :func:`eval_device`).
+
+    Returns:
+        The :class:`Scorer` of the metrics :func:`tread.train.latent_eval.eval_metrics` names.
+
+    Raises:
+        ConfigError / DataError: a bad setting.
+    """
+    # Imported here: latent_eval imports this module's helpers at its top.
+    from .latent_eval import check_eval_settings, latent_eval_kind, latent_fd_scorer
+
+    info = info or DistInfo()
+    vae_folder = check_eval_settings(config, inception_weights=inception_weights, vae=vae)
+    device = torch.device(device) if device is not None else eval_device(config, info)
+    if latent_eval_kind(config) == "fd_latent":
+        return latent_fd_scorer(config, info, device, progress=progress)
+    return _image_scorer(
+        config,
+        info,
+        device,
+        progress=progress,
+        inception_weights=inception_weights,
+        vae=vae_folder,
+    )
 
 
 def default_eval_hook(
@@ -332,10 +383,10 @@ def default_eval_hook(
     VAE-decoded samples (see :func:`tread.train.latent_eval.check_eval_settings`).
 
     The loop calls ``hook(step, ema_model, resolved_config)`` on every rank: each rank
-    generates its share of the samples, rank 0 scores them and returns the metrics; the other
-    ranks return ``{}``. The feature net, the decoder and the reference statistics (cached in
-    ``RUN_DIR/eval/``) are built at the first call, so creating the hook loads and writes
-    nothing; its settings are checked here, so a bad one fails before training starts.
+    generates its share of the samples, rank 0 scores them (:func:`make_scorer`; references
+    cached in ``RUN_DIR/eval/``) and returns the metrics; the other ranks return ``{}``.
+    Creating the hook checks its settings and loads and writes nothing, so a bad one fails
+    before training starts.
 
     Args:
         config: the run config (eval.* and sample.* settings).
@@ -354,23 +405,10 @@ def default_eval_hook(
     """
     from ..eval import finite_metrics
 
-    # Imported here: latent_eval imports this module's helpers at its top.
-    from .latent_eval import check_eval_settings, latent_eval_kind, latent_fd_scorer
-
     info = info or DistInfo()
-    vae_folder = check_eval_settings(config, inception_weights=inception_weights, vae=vae)
-    device = eval_device(config, info)
-    if latent_eval_kind(config) == "fd_latent":
-        score = latent_fd_scorer(config, info, device, progress=progress)
-    else:
-        score = _image_scorer(
-            config,
-            info,
-            device,
-            progress=progress,
-            inception_weights=inception_weights,
-            vae=vae_folder,
-        )
+    score = make_scorer(
+        config, info, progress=progress, inception_weights=inception_weights, vae=vae
+    )
 
     def hook(step: int, model: nn.Module, resolved: Config) -> dict[str, float]:
         was_training = model.training

@@ -25,6 +25,7 @@ from .evaluation import REFERENCE_SPLITS, Scorer, check_eval_inputs, generate_im
 __all__ = [
     "LatentEvalKind",
     "check_eval_settings",
+    "eval_metrics",
     "latent_eval_kind",
     "latent_fd_scorer",
     "latent_reference_for",
@@ -55,6 +56,20 @@ def latent_eval_kind(config: Config) -> LatentEvalKind | None:
         f"eval.feature_net={name!r} cannot score a latent run: leave it unset (Fréchet distance "
         "of latents, fd_latent) or set it to inception (FID of the VAE-decoded samples)"
     )
+
+
+def eval_metrics(config: Config) -> tuple[str, ...]:
+    """The metrics the in-loop evaluation logs (keys ``eval/<name>``), the main one first.
+
+    Returns:
+        ("fd", "acc") for a pixel run (a feature net's FD and conditional accuracy), else
+        (:func:`latent_eval_kind`,): "fd_latent" or "fid", with no accuracy.
+
+    Raises:
+        ConfigError: see :func:`latent_eval_kind`.
+    """
+    kind = latent_eval_kind(config)
+    return ("fd", "acc") if kind is None else (kind,)
 
 
 def check_eval_settings(
@@ -131,7 +146,7 @@ def latent_fd_scorer(
 
     built: dict[str, Any] = {}
 
-    def score(model: nn.Module, resolved: Config) -> dict[str, float]:
+    def score(model: nn.Module, resolved: Config, *, seed: int | None = None) -> dict[str, float]:
         if info.is_main and not built:
             built["reference"] = latent_reference_for(
                 resolved, Path(resolved.train.run_dir) / "eval"
@@ -144,7 +159,7 @@ def latent_fd_scorer(
             model,
             resolved,
             config.eval.num_samples,
-            seed=config.sample.seed,
+            seed=config.sample.seed if seed is None else seed,
             device=device,
             info=info,
             progress=progress,
