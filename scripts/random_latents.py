@@ -22,7 +22,13 @@ from pathlib import Path
 
 import torch
 
-from tread.data.shards import finish_shard_dir, prepare_shard_dir, shard_rows, write_shard
+from tread.data.shards import (
+    finish_shard_dir,
+    num_shards,
+    prepare_shard_dir,
+    shard_rows,
+    write_shard,
+)
 from tread.errors import TreadError
 
 SD_VAE_STD = 1 / 0.18215  # spread of unscaled SD-VAE latents (the presets' latent_scale)
@@ -73,7 +79,7 @@ def write_random_latents(
     done = prepare_shard_dir(out_dir, settings, overwrite=True)  # a fresh directory each time
     assert done == 0, "overwrite=True starts over"
     g = torch.Generator().manual_seed(seed)
-    for k in range(-(-count // SHARD_SIZE)):
+    for k in range(num_shards(settings)):
         rows = shard_rows(settings, k)
         draw = torch.randn((rows, channels, size, size), generator=g)  # (n, C, H, W)
         labels = torch.randint(classes, (rows,), generator=g)  # (n,)

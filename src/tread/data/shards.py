@@ -237,7 +237,8 @@ def shard_rows(settings: dict[str, Any], k: int) -> int:
     return images * (2 if settings["hflip"] else 1)
 
 
-def _num_shards(settings: dict[str, Any]) -> int:
+def num_shards(settings: dict[str, Any]) -> int:
+    """Shards an encode with ``settings`` writes: ``num_images / shard_size``, rounded up."""
     return -(-settings["num_images"] // settings["shard_size"])  # ceil
 
 
@@ -339,7 +340,7 @@ def prepare_shard_dir(out: str | Path, settings: dict[str, Any], *, overwrite: b
     _remove_ours(out, temporary_only=True)  # what a killed run left half-written
     _write_json(partial, settings)
     done = 0
-    while done < _num_shards(settings) and _shard_complete(out, settings, done):
+    while done < num_shards(settings) and _shard_complete(out, settings, done):
         done += 1
     return done
 
@@ -371,7 +372,7 @@ def finish_shard_dir(out: str | Path, settings: dict[str, Any]) -> Path:
     """
     out = Path(out)
     shards = []
-    for k in range(_num_shards(settings)):
+    for k in range(num_shards(settings)):
         latents, labels = _shard_names(k)
         shards.append({"latents": latents, "labels": labels, "count": shard_rows(settings, k)})
     manifest = {

@@ -29,6 +29,7 @@ from tread.data.shards import (
     DEFAULT_SHARD_SIZE,
     MANIFEST_NAME,
     finish_shard_dir,
+    num_shards,
     prepare_shard_dir,
     write_shard,
 )
@@ -484,5 +485,5 @@ def encode_dataset(
             bar.close()
     if not single:
         finish_shard_dir(out, settings)
-    shards = -(-source.count // size)  # ceil
+    shards = num_shards(settings)
     return EncodeResult(out, copies * source.count, shape, source.num_classes, shards, first_shard)

@@ -36,11 +36,12 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     Sharded (FSDP) parameters are averaged shard by shard, on this rank's local tensors: the
     EMA and the model are sharded alike, so no communication is needed.
     """
-    from torch.distributed.tensor import DTensor  # local: costly to import, FSDP runs only
 
     def _local(value: Tensor) -> Tensor:
-        """This rank's shard of a DTensor (a view: updating it updates the parameter)."""
-        return value.to_local() if isinstance(value, DTensor) else value
+        """This rank's shard of a DTensor (a view: updating it updates the parameter). Duck
+        typed: importing torch.distributed.tensor would cost every run, FSDP or not."""
+        to_local = getattr(value, "to_local", None)
+        return to_local() if to_local is not None else value
 
     ema_params = [_local(p) for p in ema.parameters()]
     model_params = [_local(p.detach()) for p in model.parameters()]
